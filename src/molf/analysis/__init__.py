@@ -1,0 +1,1 @@
+"""molf.analysis"""
