@@ -1,0 +1,99 @@
+"""Task dispatch: raw rows -> task examples -> tokenized training set."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any, Optional
+
+from datasets import Dataset
+
+from molf.data import fact, med, sql
+from molf.data.io import load_rows, resolve_split_file, seeded_subset
+from molf.data.overlap import drop_overlap, find_overlap
+from molf.data.encoding import encode_example
+
+logger = logging.getLogger(__name__)
+
+TASK_MODULES = {"sql": sql, "med": med, "fact": fact}
+
+
+def task_module(task: str):
+    if task not in TASK_MODULES:
+        raise ValueError(f"unknown dataset_type {task!r}; choose one of {sorted(TASK_MODULES)}")
+    return TASK_MODULES[task]
+
+
+def _data_file(path: Optional[str], split: str) -> Optional[Path]:
+    return None if path is None else resolve_split_file(Path(path), split)
+
+
+def load_examples(cfg: Any, split: str) -> list:
+    """Parse the ``split`` ("train" or "eval") examples of ``cfg.dataset_type``.
+
+    The eval split reads ``cfg.eval_data_path``; for ``fact`` it falls back to ``cfg.data_path``
+    (knowledge injection scores the trained rewrites), for the other tasks to the hub's eval split.
+    """
+    module = task_module(cfg.dataset_type)
+    path = cfg.data_path if split == "train" else cfg.eval_data_path
+    if split == "eval" and path is None and cfg.dataset_type == "fact":
+        path, split = cfg.data_path, "train"
+    hub_split = module.HUB_TRAIN_SPLIT if split == "train" else module.HUB_EVAL_SPLIT
+    rows = load_rows(path, split, module.HUB_ID, hub_split)
+    if module is med:
+        return med.parse_rows(rows, getattr(cfg, "med_answer_index_base", 0))
+    if module is sql:
+        paths = sql.spider_paths(_data_file(path, split), getattr(cfg, "spider_tables_path", None),
+                                 getattr(cfg, "spider_databases_dir", None))
+        return sql.parse_rows(rows, paths)
+    return fact.parse_rows(rows)
+
+
+def _without_eval_overlap(cfg: Any, examples: list) -> list:
+    """Report (and with ``drop_eval_overlap``, drop) training questions that are also eval questions."""
+    if cfg.dataset_type == "fact" or cfg.eval_data_path is None:
+        return examples
+    evaluation = load_examples(cfg, "eval")
+    if getattr(cfg, "drop_eval_overlap", False):
+        examples, report = drop_overlap(examples, evaluation)
+        if report.shared_questions:
+            logger.warning("%s; dropped them from training", report.summary())
+        return examples
+    report = find_overlap(examples, evaluation)
+    if report.shared_questions:
+        logger.warning("%s; pass --drop_eval_overlap True to drop them", report.summary())
+    return examples
+
+
+def build_train_dataset(cfg: Any, tokenizer, seed: int) -> Dataset:
+    """Tokenized SFT training set of ``cfg.dataset_type``.
+
+    Args:
+        cfg: any object with the ``DataConfig`` fields.
+        tokenizer: a Hugging Face tokenizer; the prompt/target encoding is the evaluator's.
+        seed: seeds the ``num_train_samples`` subsample.
+
+    Returns:
+        A ``datasets.Dataset`` with ``input_ids``, ``attention_mask`` and ``labels`` (-100 on the prompt).
+
+    Raises:
+        ValueError: a malformed record (the message names file, line and field), or no row fits
+            ``max_seq_length``.
+    """
+    examples = _without_eval_overlap(cfg, load_examples(cfg, "train"))
+    examples = [examples[i] for i in seeded_subset(len(examples), cfg.num_train_samples, seed)]
+    columns: dict[str, list] = {"input_ids": [], "attention_mask": [], "labels": []}
+    dropped = 0
+    for example in examples:
+        encoded = encode_example(tokenizer, example.prompt, example.target, cfg.max_seq_length)
+        if encoded is None:
+            dropped += 1
+            continue
+        for key, values in encoded.items():
+            columns[key].append(values)
+    if dropped:
+        logger.warning("dropped %d of %d training rows whose target alone exceeds max_seq_length=%s",
+                       dropped, len(examples), cfg.max_seq_length)
+    if not columns["input_ids"]:
+        raise ValueError(f"no training row fits max_seq_length={cfg.max_seq_length}; raise it or omit it")
+    return Dataset.from_dict(columns)

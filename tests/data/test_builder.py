@@ -1,0 +1,102 @@
+"""build_train_dataset across tasks, layouts and file formats; subsampling; overlap."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from types import SimpleNamespace
+
+import pandas as pd
+import pytest
+
+from molf.data import DataConfig, build_train_dataset, load_examples
+from molf.data.encoding import IGNORE_INDEX
+from molf.data.io import load_file
+from molf.data.overlap import drop_overlap, find_overlap
+
+FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
+
+
+def _cfg(**fields):
+    return DataConfig(**fields)
+
+
+@pytest.mark.parametrize("task, path", [("med", "med/train.jsonl"), ("sql", "sql/gretel_train.jsonl"),
+                                        ("sql", "sql/sql_create_context.jsonl"), ("sql", "sql/spider_dev.jsonl"),
+                                        ("fact", "fact/counterfact.jsonl")])
+def test_labels_mask_exactly_the_prompt(tokenizer, task, path):
+    cfg = _cfg(dataset_type=task, data_path=str(FIXTURES / path))
+    dataset = build_train_dataset(cfg, tokenizer, seed=0)
+    examples = load_examples(cfg, "train")
+    assert len(dataset) == len(examples)
+    row, example = dataset[0], examples[0]
+    prompt_len = len(tokenizer(example.prompt, add_special_tokens=False)["input_ids"])
+    assert row["labels"][:prompt_len] == [IGNORE_INDEX] * prompt_len
+    assert tokenizer.decode(row["labels"][prompt_len:]) == example.target + tokenizer.eos_token
+    assert row["attention_mask"] == [1] * len(row["input_ids"])
+
+
+def test_accepts_any_object_with_data_fields(tokenizer):
+    cfg = SimpleNamespace(dataset_type="med", data_path=str(FIXTURES / "med"), eval_data_path=None,
+                          num_train_samples=3, max_seq_length=None)
+    assert len(build_train_dataset(cfg, tokenizer, seed=0)) == 3
+
+
+def test_subsample_is_seeded(tokenizer):
+    cfg = _cfg(dataset_type="med", data_path=str(FIXTURES / "med" / "train.jsonl"), num_train_samples=5)
+    first = build_train_dataset(cfg, tokenizer, seed=1)["input_ids"]
+    assert build_train_dataset(cfg, tokenizer, seed=1)["input_ids"] == first
+    assert build_train_dataset(cfg, tokenizer, seed=2)["input_ids"] != first
+
+
+def test_csv_parquet_json_load_the_same_rows(tmp_path, tokenizer):
+    records = [row.fields for row in load_file(FIXTURES / "med" / "train.jsonl")]
+    pd.DataFrame(records).to_csv(tmp_path / "train.csv", index=False)
+    pd.DataFrame(records).to_parquet(tmp_path / "train.parquet")
+    (tmp_path / "train.json").write_text(json.dumps(records))
+    reference = build_train_dataset(_cfg(dataset_type="med", data_path=str(FIXTURES / "med" / "train.jsonl")), tokenizer, 0)
+    for name in ("train.csv", "train.parquet", "train.json"):
+        dataset = build_train_dataset(_cfg(dataset_type="med", data_path=str(tmp_path / name)), tokenizer, 0)
+        assert dataset["input_ids"] == reference["input_ids"], name
+
+
+def test_max_seq_length_drops_rows_whose_target_cannot_fit(tokenizer, caplog):
+    cfg = _cfg(dataset_type="sql", data_path=str(FIXTURES / "sql" / "gretel_train.jsonl"), max_seq_length=40)
+    dataset = build_train_dataset(cfg, tokenizer, seed=0)
+    assert 0 < len(dataset) < 10
+    assert all(len(ids) <= 40 for ids in dataset["input_ids"])
+    assert "exceeds max_seq_length=40" in caplog.text
+
+
+def test_missing_path_and_empty_directory_are_clear_errors(tmp_path, tokenizer):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        build_train_dataset(_cfg(dataset_type="med", data_path=str(tmp_path / "nope.jsonl")), tokenizer, 0)
+    with pytest.raises(FileNotFoundError, match="no train file"):
+        build_train_dataset(_cfg(dataset_type="med", data_path=str(tmp_path)), tokenizer, 0)
+
+
+def test_overlap_with_spider_dev_is_reported_and_dropped(tokenizer, caplog):
+    train_path, eval_path = FIXTURES / "sql" / "sql_create_context.jsonl", FIXTURES / "sql" / "spider_dev.jsonl"
+    cfg = _cfg(dataset_type="sql", data_path=str(train_path), eval_data_path=str(eval_path))
+    train, evaluation = load_examples(cfg, "train"), load_examples(cfg, "eval")
+    report = find_overlap(train, evaluation)
+    assert report.num_train_rows_affected == 4 and len(report.shared_questions) == 4
+    kept, _ = drop_overlap(train, evaluation)
+    assert len(kept) == len(train) - 4
+    assert find_overlap(kept, evaluation).shared_questions == ()
+    assert len(build_train_dataset(cfg, tokenizer, 0)) == len(train)
+    assert "pass --drop_eval_overlap True" in caplog.text
+    cfg.drop_eval_overlap = True
+    assert len(build_train_dataset(cfg, tokenizer, 0)) == len(train) - 4
+
+
+def test_spider_paths_flags_override_the_default(tmp_path):
+    shutil.copy(FIXTURES / "sql" / "spider_dev.jsonl", tmp_path / "dev.jsonl")
+    cfg = _cfg(dataset_type="sql", data_path=str(tmp_path / "dev.jsonl"))
+    with pytest.raises(FileNotFoundError, match="--spider_tables_path"):
+        load_examples(cfg, "train")
+    cfg.spider_tables_path = str(FIXTURES / "sql" / "spider_tables.jsonl")
+    cfg.spider_databases_dir = str(FIXTURES / "sql" / "spider_databases")
+    examples = load_examples(cfg, "train")
+    assert examples[0].db_path.is_file()
