@@ -1,0 +1,179 @@
+"""Routing-dynamics figures (PNG) from a ``RoutingLog``.
+
+Figures are built with ``matplotlib.figure.Figure`` (the Agg canvas, no pyplot state), so importing
+this module selects no backend and plotting works on headless machines.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Union
+
+import numpy as np
+from matplotlib.figure import Figure
+
+from molf.analysis.routing_log import RoutingLog
+from molf.analysis.routing_stats import (
+    focus_expert,
+    focus_label,
+    score_log_ratio,
+    share_by_layer,
+    share_by_type,
+    switch_rate_per_module,
+    type_order,
+)
+
+# Long logs are smoothed / binned to about this many points along the step axis.
+_MAX_POINTS = 200
+_DPI = 130
+
+
+def _smoothing_window(num_steps: int) -> int:
+    return max(1, num_steps // _MAX_POINTS)
+
+
+def _short(label: str) -> str:
+    return label.split(" ")[0]
+
+
+def plot_share_by_type(log: RoutingLog, path: Path) -> Path:
+    """Lines: share of modules of each type routed to the focus expert, per step (rolling mean)."""
+    shares = share_by_type(log)
+    window = _smoothing_window(len(shares))
+    smooth = shares.rolling(window, min_periods=1).mean()
+    fig = Figure(figsize=(9, 5))
+    ax = fig.add_subplot()
+    for column in smooth.columns:
+        style = dict(color="black", linewidth=2.5) if column == "all" else dict(linewidth=1.3)
+        ax.plot(smooth.index, smooth[column], label="all modules" if column == "all" else column, **style)
+    label = focus_label(log)
+    title = f"Share of modules routed to {label}, by module type"
+    if window > 1:
+        title += f"\n(rolling mean over {window} logged steps)"
+    ax.set(title=title, xlabel="optimizer step", ylabel=f"{_short(label)} share", ylim=(-0.02, 1.02))
+    ax.grid(alpha=0.3)
+    ax.legend(title="module type", loc="center left", bbox_to_anchor=(1.01, 0.5))
+    fig.tight_layout()
+    fig.savefig(path, dpi=_DPI)
+    return path
+
+
+def _binned(share: np.ndarray, steps: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Average (L, S) over at most ``_MAX_POINTS`` contiguous step bins; returns (L, B) and bin edges' steps."""
+    bins = np.array_split(np.arange(share.shape[1]), min(share.shape[1], _MAX_POINTS))
+    binned = np.stack([share[:, b].mean(axis=1) for b in bins], axis=1)
+    return binned, np.array([steps[b[0]] for b in bins] + [steps[-1]])
+
+
+def plot_layer_heatmap(log: RoutingLog, path: Path) -> Path:
+    """Heatmap: layer (rows) x step (columns) of the focus expert's share of the layer's modules."""
+    layers, share = share_by_layer(log)
+    fig = Figure(figsize=(10, max(3.0, 0.22 * len(layers) + 1.8)))
+    ax = fig.add_subplot()
+    label = focus_label(log)
+    if share.size:
+        binned, edges = _binned(share, log.steps)
+        image = ax.imshow(binned, aspect="auto", origin="lower", cmap="viridis", vmin=0.0, vmax=1.0,
+                          interpolation="nearest", extent=(edges[0], edges[-1], -0.5, len(layers) - 0.5))
+        stride = max(1, len(layers) // 16)
+        ax.set_yticks(range(0, len(layers), stride))
+        ax.set_yticklabels(["none" if v < 0 else str(v) for v in layers[::stride]])
+        fig.colorbar(image, ax=ax, label=f"{_short(label)} share of the layer's modules")
+    ax.set(title=f"Share of modules routed to {label}, by layer", xlabel="optimizer step", ylabel="layer")
+    fig.tight_layout()
+    fig.savefig(path, dpi=_DPI)
+    return path
+
+
+def plot_switch_rate(log: RoutingLog, path: Path) -> Path:
+    """Heatmap layer x module type of the per-module switch rate (winner changes per logged step)."""
+    rates = switch_rate_per_module(log)
+    types = type_order(log)
+    layers = np.unique(log.layers)
+    grid = np.full((len(layers), len(types)), np.nan)
+    for rate, layer, mtype in zip(rates, log.layers, log.module_types):
+        # Several modules of one type in a layer (rare) share a cell: show their mean.
+        row, col = np.searchsorted(layers, layer), types.index(mtype)
+        grid[row, col] = rate if np.isnan(grid[row, col]) else (grid[row, col] + rate) / 2
+    fig = Figure(figsize=(max(5.0, 0.9 * len(types) + 3), max(3.0, 0.22 * len(layers) + 1.8)))
+    ax = fig.add_subplot()
+    image = ax.imshow(grid, aspect="auto", origin="lower", cmap="magma", interpolation="nearest",
+                      vmin=0.0, vmax=max(float(np.nanmax(grid)) if np.isfinite(grid).any() else 0.0, 1e-9))
+    ax.set_xticks(range(len(types)))
+    ax.set_xticklabels(types)
+    stride = max(1, len(layers) // 16)
+    ax.set_yticks(range(0, len(layers), stride))
+    ax.set_yticklabels(["none" if v < 0 else str(v) for v in layers[::stride]])
+    fig.colorbar(image, ax=ax, label="switches per logged step")
+    ax.set(title=f"Routing switch rate per module ({len(log.steps)} logged steps)",
+           xlabel="module type", ylabel="layer")
+    fig.tight_layout()
+    fig.savefig(path, dpi=_DPI)
+    return path
+
+
+def plot_score_ratio(log: RoutingLog, path: Path) -> Path:
+    """Histograms per module type of log10(score of the focus expert / best other expert's score)."""
+    ratio = score_log_ratio(log)  # (S, M)
+    types = np.array(log.module_types)
+    focus = _short(focus_label(log))
+    fig = Figure(figsize=(9, 5))
+    ax = fig.add_subplot()
+    finite = ratio[np.isfinite(ratio)]
+    if finite.size:
+        edges = np.linspace(finite.min(), finite.max() + 1e-12, 60)
+        for mtype in type_order(log):
+            values = ratio[:, types == mtype]
+            values = values[np.isfinite(values)]
+            if values.size:
+                ax.hist(values, bins=edges, histtype="step", density=True, linewidth=1.4, label=mtype)
+        ax.axvline(0.0, color="black", linestyle="--", linewidth=1, label="tie (above: " + focus + " wins)")
+        ax.legend(title="module type", loc="center left", bbox_to_anchor=(1.01, 0.5))
+    else:
+        ax.text(0.5, 0.5, "no finite score ratios in this log\n(one expert only, or all scores zero)",
+                ha="center", va="center", transform=ax.transAxes)
+    ax.set(title=f"Score ratio log10(score_{focus} / best other expert's score)",
+           xlabel=f"log10(score_{focus} / best other score)", ylabel="density over (step, module)")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=_DPI)
+    return path
+
+
+def plot_expert_share(log: RoutingLog, path: Path) -> Path:
+    """Lines: share of all modules whose winners include each expert, per step (rolling mean)."""
+    window = _smoothing_window(len(log.steps))
+    fig = Figure(figsize=(9, 5))
+    ax = fig.add_subplot()
+    for e, name in enumerate(log.experts):
+        shares = share_by_type(log, expert=e)["all"]
+        ax.plot(shares.index, shares.rolling(window, min_periods=1).mean(), linewidth=1.6, label=name)
+    title = "Share of modules routed to each expert"
+    if window > 1:
+        title += f"\n(rolling mean over {window} logged steps)"
+    ax.set(title=title, xlabel="optimizer step", ylabel="share of modules", ylim=(-0.02, 1.02))
+    ax.grid(alpha=0.3)
+    ax.legend(title="expert", loc="center left", bbox_to_anchor=(1.01, 0.5))
+    fig.tight_layout()
+    fig.savefig(path, dpi=_DPI)
+    return path
+
+
+FIGURES = {
+    "routing_share_by_type.png": plot_share_by_type,
+    "routing_share_by_layer.png": plot_layer_heatmap,
+    "routing_switch_rate.png": plot_switch_rate,
+    "routing_score_ratio.png": plot_score_ratio,
+    "routing_expert_share.png": plot_expert_share,
+}
+
+
+def plot_routing(log: RoutingLog, out_dir: Union[str, Path]) -> list[Path]:
+    """Write every routing figure of ``log`` into ``out_dir`` (created if needed); returns the paths."""
+    if len(log.steps) == 0 or not log.modules:
+        raise ValueError("the routing log has no logged steps or no modules: nothing to plot")
+    if focus_expert(log) < 0:
+        raise ValueError("the routing log names no experts")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    return [plot(log, out_dir / name) for name, plot in FIGURES.items()]
