@@ -1,0 +1,331 @@
+"""``MoLFAdamW``: AdamW that routes each module's update to its top-K experts (DESIGN section 1).
+
+The step reads as five phases, each a few multi-tensor (``torch._foreach_*``) kernels per bucket
+(one bucket per param group, device, dtype and expert/non-expert), never a Python loop over modules:
+
+1. gather  - the parameters that have a gradient, grouped into cached buckets;
+2. moments - ``m = b1 m + (1-b1) g``, ``v = b2 v + (1-b2) g^2``, ``step += 1`` for every parameter;
+3. scores  - per-tensor sums of the score function, scattered into a ``(modules, experts)`` matrix;
+4. select  - top-K per module on the device; the winner mask is copied to the host (the one sync);
+5. update  - AdamW (decoupled weight decay, bias-corrected step) on the winners and non-expert
+   parameters only, with the same op sequence as ``torch.optim.AdamW(foreach=True)``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from itertools import compress
+from typing import Callable, Iterable, Sequence
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+from torch.optim import Optimizer
+
+from molf.model.molf_linear import MoLFLinear
+from molf.model.wrap import molf_modules
+from molf.optim.scores import SCORE_EPS, get_score_fn, select_topk
+
+
+@dataclass
+class RoutingDecision:
+    """The routing of one optimizer step, for the routing logger.
+
+    ``scores`` and ``winners`` are ``(num_modules, num_experts)`` on the parameters' device; modules
+    with fewer experts are padded with ``-inf`` scores and ``False`` winners.
+    """
+
+    scores: Tensor
+    winners: Tensor
+    module_names: list[str]
+    expert_names: list[str]
+    step: int
+
+
+class _ExpertIndex:
+    """Static expert bookkeeping: which (module, expert) cell each expert parameter belongs to."""
+
+    def __init__(self, modules: Sequence[tuple[str, MoLFLinear]]) -> None:
+        self.module_names = [name for name, _ in modules]
+        per_module = [m.expert_names() for _, m in modules]
+        self.expert_names = max(per_module, key=len) if per_module else []
+        self.num_modules, self.num_experts = len(modules), len(self.expert_names)
+        self.cell_of: dict[int, int] = {}  # id(param) -> m * E + e
+        self.numel = torch.ones(self.num_modules * self.num_experts)
+        self.valid = torch.zeros(self.num_modules * self.num_experts, dtype=torch.bool)
+        for m_idx, (_, module) in enumerate(modules):
+            for e_idx, params in enumerate(module.expert_params()):
+                cell = m_idx * self.num_experts + e_idx
+                self.numel[cell] = float(sum(p.numel() for p in params))
+                self.valid[cell] = True
+                self.cell_of.update((id(p), cell) for p in params)
+
+
+@dataclass
+class _Bucket:
+    """Parameters of one param group on one device with one dtype, experts or plain, with their state."""
+
+    group_index: int
+    params: list[Tensor]
+    states: list[dict]
+    exp_avgs: list[Tensor]
+    exp_avg_sqs: list[Tensor]
+    cells: np.ndarray | None  # (P,) expert cell per tensor; None for non-expert parameters
+    cell_index: Tensor | None  # the same on the device, for index_add_
+    sqrts: list[Tensor] | None = None  # sqrt(v) of this step, shared by the scores and the update
+
+
+class MoLFAdamW(Optimizer):
+    """AdamW with Top-K optimizer routing among the experts of each ``MoLFLinear``.
+
+    For every parameter with a gradient, at step ``t``::
+
+        m <- b1 m + (1 - b1) g          v <- b2 v + (1 - b2) g^2          (all experts)
+        EPD_e = lr_e(t) / N_e * sum_e m^2 / (sqrt(v) + 1e-8)               (or PFN, see scores.py)
+        winners = top-K experts of each module (ties -> lower index, non-finite never wins)
+        p <- p (1 - lr wd);  p <- p - lr / (1 - b1^t) * m / (sqrt(v) / sqrt(1 - b2^t) + eps)   (winners only)
+
+    Parameters outside ``MoLFLinear`` experts get the same AdamW update every step. ``lr`` and
+    ``weight_decay`` are read from each param group at step time, so an LR scheduler's factor applies
+    to the scores and the update alike. With ``topk`` >= the number of experts this is exactly
+    ``torch.optim.AdamW(foreach=True)``.
+
+    Non-finite gradients: an expert whose gradient has an inf/NaN gets a non-finite score, so it
+    cannot win that step and its weights are untouched; its moments and step count are then reset to
+    zero (they would otherwise stay NaN forever) and ``nonfinite_resets`` counts the event. The other
+    experts of the module are unaffected. Non-expert parameters follow ``torch.optim.AdamW``.
+
+    Host syncs: exactly one per step (the winner mask and finiteness flags are copied to the host
+    together), none per module.
+
+    Args:
+        params: parameters or param groups (e.g. from ``build_param_groups``); groups may carry
+            ``names`` and ``kind`` and any AdamW scalar.
+        modules: the model (its ``MoLFLinear`` modules are found) or ``molf_modules(model)``.
+        lr, betas, eps, weight_decay: AdamW defaults for groups that do not set them.
+        score_fn: registered score name (``true_projected`` = EPD, ``projected`` = PFN).
+        topk: experts updated per module per step.
+
+    Raises:
+        ValueError: for invalid hyper-parameters, an unknown score, or an expert whose parameters
+            are missing from the param groups or split across groups.
+    """
+
+    def __init__(
+        self,
+        params: Iterable,
+        modules: nn.Module | Sequence[tuple[str, MoLFLinear]],
+        *,
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+        score_fn: str = "true_projected",
+        topk: int = 1,
+    ) -> None:
+        if not (lr >= 0 and eps >= 0 and weight_decay >= 0 and all(0 <= b < 1 for b in betas)):
+            raise ValueError(f"invalid MoLFAdamW hyper-parameters lr={lr} betas={betas} eps={eps} wd={weight_decay}")
+        if topk < 1:
+            raise ValueError(f"topk must be >= 1 (experts updated per module per step), got {topk}")
+        super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, molf_step=0))
+        self.score_fn = get_score_fn(score_fn)
+        self.topk = topk
+        pairs = molf_modules(modules) if isinstance(modules, nn.Module) else list(modules)
+        self._experts = _ExpertIndex(pairs)
+        self._expert_groups = self._check_expert_groups()
+        self._bucket_cache: dict[tuple, list[_Bucket]] = {}
+        self._device_consts: dict[torch.device, tuple[Tensor, Tensor, dict[int, Tensor]]] = {}
+        self.last_routing: RoutingDecision | None = None
+        self.nonfinite_resets = 0
+
+    @classmethod
+    def from_config(cls, model: nn.Module, cfg) -> "MoLFAdamW":
+        """Build the optimizer of ``model`` from an ``OptimConfig`` (or a ``TrainingConfig``)."""
+        from molf.optim.param_groups import build_param_groups
+
+        return cls(build_param_groups(model, cfg), model, lr=cfg.learning_rate,
+                   betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_epsilon,
+                   weight_decay=cfg.weight_decay, score_fn=cfg.molf_score_fn, topk=cfg.molf_topk)
+
+    @property
+    def module_names(self) -> list[str]:
+        return self._experts.module_names
+
+    @property
+    def expert_names(self) -> list[str]:
+        return self._experts.expert_names
+
+    def _check_expert_groups(self) -> np.ndarray:
+        """Group index of every expert cell (-1 for padding); every expert lies wholly in one group.
+
+        Raises:
+            ValueError: if an expert's parameters are missing from the groups or split across groups.
+        """
+        cells = self._experts.cell_of
+        expected = np.bincount(list(cells.values()), minlength=self._experts.valid.numel())
+        found = np.zeros_like(expected)
+        groups = np.full(expected.shape, -1)
+        split = np.zeros(expected.shape, dtype=bool)
+        for gi, group in enumerate(self.param_groups):
+            in_group = np.array([cells[id(p)] for p in group["params"] if id(p) in cells], dtype=np.int64)
+            np.add.at(found, in_group, 1)
+            split[in_group] |= groups[in_group] >= 0  # already seen in an earlier group
+            groups[in_group] = gi
+        bad = np.flatnonzero((found != expected) | split)
+        if bad.size:
+            name = self._experts.module_names[bad[0] // self._experts.num_experts]
+            expert = self._experts.expert_names[bad[0] % self._experts.num_experts]
+            raise ValueError(f"expert {expert} of {name}: every parameter of an expert must be in the optimizer, "
+                             "all in one param group (build the groups with build_param_groups)")
+        return groups
+
+    # ---- phase 1: gather ----
+
+    def _gather(self) -> list[_Bucket]:
+        buckets: list[_Bucket] = []
+        for gi, group in enumerate(self.param_groups):
+            params = [p for p in group["params"] if p.grad is not None]
+            if not params:
+                continue
+            key = (gi, True) if len(params) == len(group["params"]) else (gi, tuple(map(id, params)))
+            if key not in self._bucket_cache:
+                self._bucket_cache[key] = self._build_buckets(gi, params)
+            buckets.extend(self._bucket_cache[key])
+        return buckets
+
+    def _build_buckets(self, gi: int, params: list[Tensor]) -> list[_Bucket]:
+        split: dict[tuple, list[Tensor]] = {}
+        for p in params:
+            if p.grad.is_sparse:
+                raise ValueError("MoLFAdamW does not support sparse gradients")
+            is_expert = id(p) in self._experts.cell_of
+            split.setdefault((p.device, p.dtype, is_expert), []).append(p)
+        return [self._make_bucket(gi, ps, device, is_expert) for (device, _, is_expert), ps in split.items()]
+
+    def _make_bucket(self, gi: int, params: list[Tensor], device: torch.device, is_expert: bool) -> _Bucket:
+        for p in params:
+            if not self.state[p]:
+                self.state[p].update(step=0.0, exp_avg=torch.zeros_like(p, memory_format=torch.preserve_format),
+                                     exp_avg_sq=torch.zeros_like(p, memory_format=torch.preserve_format))
+        states = [self.state[p] for p in params]
+        cells = np.array([self._experts.cell_of[id(p)] for p in params]) if is_expert else None
+        cell_index = torch.as_tensor(cells, device=device) if is_expert else None
+        return _Bucket(gi, params, states, [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states],
+                       cells, cell_index)
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """Load a state saved by ``state_dict()`` (e.g. from an HF Trainer checkpoint)."""
+        super().load_state_dict(state_dict)
+        self._bucket_cache.clear()  # the cached buckets hold the replaced state tensors
+
+    # ---- the step ----
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], float] | None = None):
+        """Perform one routed AdamW step; returns the closure's loss when one is given."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        buckets = self._gather()
+        for b in buckets:
+            self._moments(b)
+        for group in self.param_groups:
+            group["molf_step"] += 1
+        experts = [b for b in buckets if b.cells is not None]
+        winners = self._route(experts) if experts else None
+        for b in buckets:
+            self._update(b, None if b.cells is None else winners[b.cells])
+        return loss
+
+    # ---- phase 2: moments ----
+
+    def _moments(self, b: _Bucket) -> None:
+        beta1, beta2 = self.param_groups[b.group_index]["betas"]
+        grads = [p.grad for p in b.params]
+        torch._foreach_lerp_(b.exp_avgs, grads, 1 - beta1)
+        torch._foreach_mul_(b.exp_avg_sqs, beta2)
+        torch._foreach_addcmul_(b.exp_avg_sqs, grads, grads, 1 - beta2)
+        for s in b.states:
+            s["step"] += 1
+
+    # ---- phases 3 and 4: scores and selection ----
+
+    def _consts(self, device: torch.device) -> tuple[Tensor, Tensor, dict[int, Tensor]]:
+        """``numel`` and ``valid`` ``(M, E)`` and a 0/1 mask per param group, cached per device."""
+        if device not in self._device_consts:
+            shape = (self._experts.num_modules, self._experts.num_experts)
+            masks = {int(g): torch.as_tensor(self._expert_groups == g, dtype=torch.float32).view(shape).to(device)
+                     for g in np.unique(self._expert_groups) if g >= 0}
+            self._device_consts[device] = (self._experts.numel.view(shape).to(device),
+                                           self._experts.valid.view(shape).to(device), masks)
+        return self._device_consts[device]
+
+    def _route(self, buckets: list[_Bucket]) -> np.ndarray:
+        """Score every expert, pick the winners and copy them to the host (the step's one sync).
+
+        Returns:
+            ``(M * E,)`` host bool array of winners.
+        """
+        device = buckets[0].params[0].device
+        numel, valid, group_masks = self._consts(device)
+        sums = torch.zeros(numel.numel(), device=device)  # (M * E,)
+        for b in buckets:
+            b.sqrts = torch._foreach_sqrt(b.exp_avg_sqs)  # kept: the update divides it in place
+            tensor_sums = self.score_fn.tensor_sums(b.exp_avgs, b.sqrts, SCORE_EPS)  # (P,)
+            sums.index_add_(0, b.cell_index.to(device), tensor_sums.to(device))
+        lr = sum(mask * self.param_groups[g]["lr"] for g, mask in group_masks.items())  # (M, E)
+        scores = self.score_fn.combine(sums.view(numel.shape), numel, lr)
+        scores = torch.where(valid, scores, torch.full_like(scores, float("-inf")))  # (M, E)
+        winners = select_topk(scores, self.topk)
+        self.last_routing = RoutingDecision(scores, winners, self.module_names, self.expert_names,
+                                            self.param_groups[0]["molf_step"])
+        # The one host-device sync of the step: winners and non-finite flags travel together.
+        host = torch.stack([winners, valid & ~torch.isfinite(scores)]).cpu().numpy().reshape(2, -1)
+        if host[1].any():
+            self._reset_nonfinite(buckets, host[1])
+        return host[0]
+
+    def _reset_nonfinite(self, buckets: list[_Bucket], bad: np.ndarray) -> None:
+        """Zero the moments and step of experts whose score is non-finite (see the class docstring)."""
+        for b in buckets:
+            hit = bad[b.cells]
+            if hit.any():
+                torch._foreach_zero_(list(compress(b.exp_avgs, hit)))
+                torch._foreach_zero_(list(compress(b.exp_avg_sqs, hit)))
+                for s in compress(b.states, hit):
+                    s["step"] = 0.0
+        self.nonfinite_resets += int(bad.sum())
+
+    # ---- phase 5: update ----
+
+    def _update(self, b: _Bucket, mask: np.ndarray | None) -> None:
+        """AdamW on the bucket's winners (all of it for non-expert buckets), as torch's foreach AdamW."""
+        group = self.param_groups[b.group_index]
+        params, exp_avgs, states = b.params, b.exp_avgs, b.states
+        if mask is not None:
+            params, exp_avgs, states = (list(compress(x, mask)) for x in (params, exp_avgs, states))
+            sqrts, b.sqrts = list(compress(b.sqrts, mask)), None
+            if not params:
+                return
+        else:
+            sqrts = torch._foreach_sqrt(b.exp_avg_sqs)
+        _adamw_apply(params, exp_avgs, sqrts, [s["step"] for s in states], group)
+
+
+def _adamw_apply(params: list[Tensor], exp_avgs: list[Tensor], denom: list[Tensor], steps: list[float],
+                 group: dict) -> None:
+    """Decoupled weight decay and the bias-corrected Adam step; ``denom`` holds ``sqrt(v)`` and is
+    overwritten. The op sequence (and so every rounding) is that of torch's ``_multi_tensor_adam``.
+    """
+    lr, wd, eps = group["lr"], group["weight_decay"], group["eps"]
+    beta1, beta2 = group["betas"]
+    if wd != 0:
+        torch._foreach_mul_(params, 1 - lr * wd)
+    bias_correction1 = [1 - beta1 ** s for s in steps]
+    bias_correction2 = [1 - beta2 ** s for s in steps]
+    step_size = [(lr / bc) * -1 for bc in bias_correction1]
+    bias_correction2_sqrt = [bc ** 0.5 for bc in bias_correction2]
+    torch._foreach_div_(denom, bias_correction2_sqrt)
+    torch._foreach_add_(denom, eps)
+    torch._foreach_addcdiv_(params, exp_avgs, denom, step_size)
