@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
+from molf.model.config import LoRAConfig
+
 
 @dataclass
 class StrategyConfig:
@@ -28,6 +30,7 @@ class StrategyConfig:
     # training what the strategy adds.
     phases: Optional[list[dict[str, Any]]] = None
     # moe_expert_lora only: {fade: {...}, lr_ramp: {...}, export: {...}}; see molf.train.handoff.
+    # Checked (with phases) by molf.model.strategies.validate_strategy, which needs the mode.
     handoff: Optional[dict[str, Any]] = None
 
     def __post_init__(self) -> None:
@@ -37,3 +40,12 @@ class StrategyConfig:
             raise ValueError(f"num_experts must be >= 1, got {self.num_experts}")
         if not 1 <= self.expert_top_k <= self.num_experts:
             raise ValueError(f"expert_top_k must be in [1, num_experts={self.num_experts}], got {self.expert_top_k}")
+
+
+@dataclass
+class StrategyLoRAConfig(StrategyConfig, LoRAConfig):
+    """The strategy fields plus the LoRA fields they read, for using the strategies without the trainer."""
+
+    def __post_init__(self) -> None:
+        LoRAConfig.__post_init__(self)
+        StrategyConfig.__post_init__(self)

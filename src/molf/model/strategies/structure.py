@@ -1,0 +1,80 @@
+"""Inject a strategy's structure, rebuild it on a fresh model to load a checkpoint, merge dense LoRA."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from molf.model.strategies.lora_linear import LoRALinear
+from molf.model.strategies.dense import inject_attn_lora, inject_dense_lora, scoped_blocks
+from molf.model.strategies.mixture import inject_mixture_lora
+from molf.model.strategies.moe_expert import inject_moe_expert_lora
+from molf.model.strategies.runtime import merge_dense, unwrap_faded
+from molf.train.handoff import parse_handoff
+
+STRATEGY_MODES = ("dense_lora", "mixture_lora", "moe_expert_lora")
+
+
+def check_mode(mode: str) -> None:
+    """Raises ValueError unless ``mode`` is a strategy mode."""
+    if mode not in STRATEGY_MODES:
+        raise ValueError(f"mode {mode!r} is not a LoRA strategy; choose one of {list(STRATEGY_MODES)}")
+
+
+def inject_strategy(model: nn.Module, cfg, mode: str) -> int:
+    """Insert the modules of ``mode`` into ``model`` (no freezing); return the number of wrapped modules.
+
+    Raises:
+        ValueError: an unknown mode, or targets missing from the model.
+    """
+    check_mode(mode)
+    if mode == "dense_lora":
+        return inject_dense_lora(model, cfg)
+    if mode == "mixture_lora":
+        count = inject_mixture_lora(model, cfg)
+    else:
+        count = inject_moe_expert_lora(model, cfg)
+    return count + inject_attn_lora(scoped_blocks(model, cfg), cfg)
+
+
+def rebuild_strategy_structure(model: nn.Module, cfg, mode: str, exported: bool = True) -> nn.Module:
+    """Re-create on a fresh base model the structure a strategy checkpoint was saved with.
+
+    Then ``model.load_state_dict(saved)`` restores the trained routers and experts.
+
+    Args:
+        model: the base model, freshly loaded.
+        cfg: the run's config (``resolved_config.yaml``): strategy and LoRA fields.
+        mode: the strategy mode of the run.
+        exported: True for a checkpoint written after ``StrategyRuntime.export`` (dense LoRA is then a
+            plain model and nothing changes; a handoff's export is replayed: adapters whose fade ends at
+            0 are removed when ``remove_zero_scale``, else merged when ``merge``); False for the training
+            structure (mid-run checkpoints).
+
+    Returns:
+        ``model``, modified in place.
+    """
+    check_mode(mode)
+    if mode == "dense_lora" and exported:
+        return model
+    inject_strategy(model, cfg, mode)
+    handoff = parse_handoff(cfg.handoff) if exported and cfg.handoff is not None else None
+    for fade in handoff.fades if handoff else ():
+        _set_scale(model, fade.target, fade.end_scale)
+        unwrap_faded(model, fade.target, handoff.export.remove_zero_scale, handoff.export.merge)
+    return model
+
+
+def _set_scale(model: nn.Module, role: str, scale: float) -> None:
+    for module in model.modules():
+        if isinstance(module, LoRALinear) and module.role == role:
+            module.lora_scale = scale
+
+
+def merge_strategy(model: nn.Module) -> nn.Module:
+    """Merge dense LoRA adapters into their base weights, leaving a plain transformers model.
+
+    Raises:
+        ValueError: for mixture/MoE structures, which cannot become a plain model.
+    """
+    merge_dense(model)
+    return model
