@@ -16,6 +16,8 @@ class EvalConfig:
     max_new_tokens: int = 256
     # One CSV per task (sql.csv, med.csv, fact.csv) is appended to in this directory.
     results_dir: str = "results"
+    # Wall-clock limit of each SQL query (gold and predicted) during execution accuracy.
+    sql_timeout_s: float = 10.0
 
     def __post_init__(self) -> None:
         if self.num_eval_samples is not None and self.num_eval_samples <= 0:
@@ -24,3 +26,5 @@ class EvalConfig:
             raise ValueError(f"eval_batch_size must be positive, got {self.eval_batch_size}")
         if self.max_new_tokens <= 0:
             raise ValueError(f"max_new_tokens must be positive, got {self.max_new_tokens}")
+        if self.sql_timeout_s <= 0:
+            raise ValueError(f"sql_timeout_s must be positive, got {self.sql_timeout_s}")

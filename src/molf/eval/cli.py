@@ -1,0 +1,84 @@
+"""Standalone evaluation of a saved checkpoint: ``python -m molf.eval --task med --model PATH``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional, Sequence
+
+import torch
+
+from molf.data.config import DataConfig
+from molf.eval.checkpoint import find_resolved_config, load_model_and_tokenizer, load_training_config, run_info_for
+from molf.eval.config import EvalConfig
+from molf.eval.runner import evaluate_task
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# CLI flags copied onto the config when given (None means "keep the run's value or the default").
+OVERRIDES = ("data_path", "eval_data_path", "num_train_samples", "max_seq_length", "med_answer_index_base",
+             "spider_tables_path", "spider_databases_dir", "num_eval_samples", "eval_batch_size", "max_new_tokens",
+             "results_dir", "sql_timeout_s")
+
+
+@dataclass
+class StandaloneEvalConfig(DataConfig, EvalConfig):
+    """Data and evaluation flags for a checkpoint whose training config is unknown."""
+
+    def __post_init__(self) -> None:
+        DataConfig.__post_init__(self)
+        EvalConfig.__post_init__(self)
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m molf.eval", description=__doc__)
+    parser.add_argument("--task", required=True, choices=["sql", "med", "fact"])
+    parser.add_argument("--model", required=True, help="checkpoint directory (full model or PEFT adapter) or tiny-<family>")
+    parser.add_argument("--tokenizer", help="tokenizer path (default: the checkpoint's; the vendored Qwen2.5 one for tiny-*)")
+    parser.add_argument("--data_path", dest="eval_data_path", help="evaluation data file or directory")
+    parser.add_argument("--train_data_path", dest="data_path", help="training data (fact: the rewrites to score)")
+    parser.add_argument("--results_dir")
+    parser.add_argument("--num_eval_samples", type=int)
+    parser.add_argument("--num_train_samples", type=int)
+    parser.add_argument("--eval_batch_size", type=int)
+    parser.add_argument("--max_new_tokens", type=int)
+    parser.add_argument("--max_seq_length", type=int)
+    parser.add_argument("--med_answer_index_base", type=int, choices=[0, 1])
+    parser.add_argument("--spider_tables_path")
+    parser.add_argument("--spider_databases_dir")
+    parser.add_argument("--sql_timeout_s", type=float)
+    parser.add_argument("--run_name", help="override the run_name column")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
+    return parser.parse_args(argv)
+
+
+def build_config(args: argparse.Namespace):
+    """The run's TrainingConfig when its resolved_config.yaml is found, else defaults; then the CLI flags."""
+    resolved = None if args.model.startswith("tiny-") else find_resolved_config(Path(args.model))
+    training_config = load_training_config(resolved) if resolved is not None else None
+    cfg = training_config if training_config is not None else StandaloneEvalConfig()
+    for name in OVERRIDES:
+        value = getattr(args, name)
+        if value is not None:
+            setattr(cfg, name, value)
+    cfg.dataset_type = args.task
+    # Re-check the flags the CLI may have changed (a TrainingConfig's other rules held when it was saved).
+    DataConfig.__post_init__(cfg)
+    EvalConfig.__post_init__(cfg)
+    return cfg, training_config
+
+
+def main(argv: Optional[Sequence[str]] = None) -> dict:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    args = parse_args(argv)
+    cfg, training_config = build_config(args)
+    run_info = run_info_for(args.model, args.task, training_config)
+    if args.run_name:
+        run_info["run_name"] = args.run_name
+    model, tokenizer = load_model_and_tokenizer(args.model, args.tokenizer, DTYPES[args.dtype], args.device)
+    metrics = evaluate_task(args.task, model, tokenizer, cfg, run_info)
+    print(json.dumps(metrics, indent=2))
+    return metrics
