@@ -1,0 +1,60 @@
+"""Routing figures are written for MoLF and MoLF-E logs, long ones included, and by the CLI."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from molf.analysis.routing_log import read_routing_log
+from molf.analysis.routing_plots import FIGURES, plot_routing
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def _assert_pngs(paths, out_dir):
+    assert sorted(p.name for p in paths) == sorted(FIGURES)
+    for path in paths:
+        assert path.parent == out_dir
+        assert path.read_bytes()[:8] == PNG_MAGIC and path.stat().st_size > 5_000
+
+
+def test_multi_thousand_step_log(tmp_path, write_routing_log):
+    log = read_routing_log(write_routing_log(tmp_path / "log.jsonl", num_steps=3000, num_layers=28))
+    out_dir = tmp_path / "figs"
+    _assert_pngs(plot_routing(log, out_dir), out_dir)
+
+
+def test_molf_e_log(tmp_path, write_routing_log):
+    path = write_routing_log(tmp_path / "log.jsonl", num_steps=50, num_layers=2,
+                             experts=("lora0_r32", "lora1_r128"), ranks=(32, 128))
+    out_dir = tmp_path / "figs"
+    _assert_pngs(plot_routing(read_routing_log(path), out_dir), out_dir)
+
+
+def test_reference_log_single_step_modules(tmp_path):
+    log = read_routing_log(REPO_ROOT / "tests" / "fixtures" / "analysis" / "routing_reference.jsonl")
+    _assert_pngs(plot_routing(log, tmp_path), tmp_path)
+
+
+def test_empty_log_is_refused(tmp_path):
+    header = '{"type": "header", "version": 1, "modules": ["m.layers.0.q_proj"], "experts": ["fft", "lora0_r8"], ' \
+             '"ranks": [null, 8], "score_fn": "true_projected", "topk": 1, "every": 1}\n'
+    (tmp_path / "molf_routing.jsonl").write_text(header)
+    with pytest.raises(ValueError, match="no logged steps"):
+        plot_routing(read_routing_log(tmp_path), tmp_path / "figs")
+
+
+def test_cli_writes_figures_and_summary(tmp_path, write_routing_log):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    write_routing_log(run_dir / "molf_routing.jsonl", num_steps=40, num_layers=2)
+    out_dir = tmp_path / "out"
+    result = subprocess.run([sys.executable, str(REPO_ROOT / "scripts" / "plot_routing.py"), str(run_dir),
+                             "-o", str(out_dir)], capture_output=True, text=True, check=True)
+    assert "% FFT" in result.stdout and "gate" in result.stdout
+    assert (out_dir / "routing_summary.txt").read_text().startswith("Routing summary")
+    assert {p.name for p in out_dir.glob("*.png")} == set(FIGURES)
