@@ -1,0 +1,226 @@
+"""The top-level config of a training run: every component's flags, flat.
+
+``TrainingConfig`` inherits from each component's dataclass (DESIGN section 3, docs/DEVELOPING.md),
+so ``--molf_lora_ranks "[32,128]"`` and ``--learning_rate 5e-5`` are both top-level flags. Parsing
+validates everything that can be checked without loading a model and creates nothing on disk.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import importlib.util
+import json
+import re
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any, Optional, Sequence
+
+from molf.data.config import DataConfig
+from molf.eval.config import EvalConfig
+from molf.model.config import LoRAConfig, MoLFConfig
+from molf.model.strategies.config import StrategyConfig
+from molf.optim.config import OptimConfig
+from molf.train.config import MOLF_MODES, STRATEGY_MODES, TrainConfig
+
+# Fields that change where things go or what is printed, not what is trained: left out of the run
+# name's hash so that re-running (or resuming) the same training lands in the same directory.
+_NOT_IDENTITY = frozenset({
+    "ckpt_dir_root", "log_dir_root", "logging_steps", "report_to", "save_strategy", "save_steps",
+    "save_total_limit", "clean_ckpt_at_end", "only_eval", "validate_only", "preflight",
+    "resume_from_checkpoint", "dataloader_num_workers", "routing_log_every", "gradient_checkpointing",
+    "attn_implementation", "eval_data_path", "do_eval", "num_eval_samples", "eval_batch_size",
+    "max_new_tokens", "results_dir",
+})
+_MOLF_FIELDS = ("molf_lora_ranks", "molf_fft", "molf_freeze_non_linear", "molf_target_modules",
+                "molf_exclude_modules", "molf_score_fn", "molf_topk")
+_SCORE_TAGS = {"true_projected": "epd", "projected": "pfn"}
+
+
+@dataclass
+class TrainingConfig(TrainConfig, DataConfig, EvalConfig, OptimConfig, MoLFConfig, LoRAConfig, StrategyConfig):
+    """Every flag of a run; see each component's config for the meaning of its fields."""
+
+    def __post_init__(self) -> None:
+        for component in (TrainConfig, DataConfig, EvalConfig, OptimConfig, MoLFConfig, LoRAConfig, StrategyConfig):
+            component.__post_init__(self)
+        self._normalize_mode()
+        self._check_molf_flags()
+        self._check_environment()
+        for message in self._ignored_knobs():
+            warnings.warn(message, stacklevel=2)
+
+    def _normalize_mode(self) -> None:
+        # The reference spells MoLF-E as --mode molf --molf_fft False; both spellings name one run.
+        if self.mode == "molf" and not self.molf_fft:
+            self.mode = "molf_e"
+        if self.mode == "molf_e":
+            self.molf_fft = False
+
+    def _check_molf_flags(self) -> None:
+        if self.mode in MOLF_MODES:
+            if self.molf_topk > self.molf_num_experts:
+                raise ValueError(
+                    f"molf_topk={self.molf_topk} exceeds the {self.molf_num_experts} experts per module "
+                    f"({self.molf_expert_names()}); lower --molf_topk or add ranks to --molf_lora_ranks"
+                )
+            self._check_score_fn()
+            return
+        defaults = _defaults()
+        changed = [name for name in _MOLF_FIELDS if getattr(self, name) != getattr(defaults, name)]
+        if changed:
+            raise ValueError(
+                f"{', '.join(changed)} only apply to --mode molf / molf_e, but mode is {self.mode!r}: "
+                "remove these flags or change --mode"
+            )
+        if self.mode in STRATEGY_MODES:
+            self._check_strategy()
+
+    def _check_score_fn(self) -> None:
+        known = list(_SCORE_TAGS)
+        if importlib.util.find_spec("molf.optim.scores") is not None:
+            from molf.optim import scores
+
+            known = list(getattr(scores, "SCORE_FNS", known))
+        if self.molf_score_fn not in known:
+            raise ValueError(f"unknown molf_score_fn {self.molf_score_fn!r}; choose one of {known}")
+
+    def _check_strategy(self) -> None:
+        try:
+            from molf.model.strategies import validate_strategy
+        except ImportError as err:
+            raise ValueError(
+                f"--mode {self.mode} needs molf.model.strategies.validate_strategy, which this install lacks; "
+                "use --mode fft, lora, molf or molf_e"
+            ) from err
+        for message in validate_strategy(self, self.mode, None):
+            warnings.warn(message, stacklevel=3)
+
+    def _check_environment(self) -> None:
+        needs = {"flash_attention_2": "flash_attn"} if self.attn_implementation == "flash_attention_2" else {}
+        if self.report_to in ("tensorboard", "wandb"):
+            needs[f"report_to {self.report_to}"] = self.report_to
+        for what, module in needs.items():
+            if importlib.util.find_spec(module) is None:
+                raise ValueError(f"{what} needs the {module!r} package: pip install {module.replace('_', '-')}, "
+                                 "or pick another value")
+        if self.validate_only and self.preflight:
+            raise ValueError("--validate_only and --preflight exclude each other: pick one")
+        if self.only_eval and self.resume_from_checkpoint:
+            raise ValueError("--only_eval evaluates <run_dir>/final; drop --resume_from_checkpoint")
+
+    def _ignored_knobs(self) -> list[str]:
+        defaults, messages = _defaults(), []
+        ignored = {
+            "fft": ("lora_learning_rate", "lora_weight_decay", "lora_rank", "lora_alpha", "lora_dropout"),
+            "lora": ("learning_rate", "weight_decay"),
+            "molf": ("lora_rank",),
+            "molf_e": ("lora_rank",) + (("learning_rate", "weight_decay") if self.molf_freeze_non_linear else ()),
+        }.get(self.mode, ())
+        for name in ignored:
+            if getattr(self, name) != getattr(defaults, name):
+                messages.append(f"--{name} is ignored in mode {self.mode}")
+        return messages
+
+    # ---- derived values ----
+
+    @property
+    def run_name(self) -> str:
+        """Readable hyper-parameters plus a hash of every field that changes the training."""
+        parts = [self.mode, _model_tag(self.model_name_or_path), self.dataset_type]
+        if self.mode != "lora":
+            parts += [f"lr{self.learning_rate:g}", f"wd{self.weight_decay:g}"]
+        if self.mode != "fft":
+            parts += [f"llr{self.lora_learning_rate:g}", f"lwd{self.lora_weight_decay:g}"]
+        if self.mode in MOLF_MODES:
+            parts += ["r" + "-".join(str(r) for r in self.molf_lora_ranks), f"k{self.molf_topk}",
+                      _SCORE_TAGS.get(self.molf_score_fn, self.molf_score_fn)]
+        elif self.mode != "fft":
+            parts.append(f"r{self.lora_rank}")
+        length = f"st{self.max_steps}" if self.max_steps > 0 else f"ep{self.num_train_epochs:g}"
+        parts += [self.lr_scheduler_type, f"wu{self.warm_up_ratio:g}", length,
+                  f"bs{self.per_device_batch_size}x{self.gradient_accumulation_steps}", f"s{self.seed}",
+                  self.identity_hash()]
+        return "_".join(parts)
+
+    def identity_hash(self) -> str:
+        """8 hex digits of SHA-1 over every field that changes what is trained."""
+        fields = {k: v for k, v in dataclasses.asdict(self).items() if k not in _NOT_IDENTITY}
+        return hashlib.sha1(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()[:8]
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.ckpt_dir_root) / self.run_name
+
+    @property
+    def log_dir(self) -> Path:
+        return Path(self.log_dir_root) / self.run_name
+
+    def to_run_info(self) -> dict[str, Any]:
+        """The run columns of the results CSVs (docs/DEVELOPING.md); None where the mode has no such knob."""
+        molf, lora_like = self.mode in MOLF_MODES, self.mode not in ("fft",) + MOLF_MODES
+        return {
+            "run_name": self.run_name,
+            "mode": self.mode,
+            "model": self.model_name_or_path,
+            "dataset": self.dataset_type,
+            "learning_rate": None if self.mode == "lora" else self.learning_rate,
+            "lora_learning_rate": None if self.mode == "fft" else self.lora_learning_rate,
+            "weight_decay": None if self.mode == "lora" else self.weight_decay,
+            "lora_weight_decay": None if self.mode == "fft" else self.lora_weight_decay,
+            "lora_rank": self.lora_rank if lora_like else None,
+            "molf_lora_ranks": "[" + ",".join(str(r) for r in self.molf_lora_ranks) + "]" if molf else None,
+            "molf_topk": self.molf_topk if molf else None,
+            "molf_score_fn": self.molf_score_fn if molf else None,
+            "lr_scheduler_type": self.lr_scheduler_type,
+            "warm_up_ratio": self.warm_up_ratio,
+            "num_train_epochs": self.num_train_epochs,
+            "per_device_batch_size": self.per_device_batch_size,
+            "gradient_accumulation_steps": self.gradient_accumulation_steps,
+            "seed": self.seed,
+            "checkpoint": str(self.run_dir / "final"),
+        }
+
+    def dump_yaml(self, stream: IO[str]) -> None:
+        """Write the config as YAML that ``--config_path`` reads back to an equal config."""
+        import draccus
+
+        draccus.dump(self, stream)
+
+
+def _defaults() -> "_DefaultView":
+    return _DefaultView()
+
+
+class _DefaultView:
+    """The declared defaults of TrainingConfig's fields, without running any __post_init__."""
+
+    def __getattr__(self, name: str) -> Any:
+        field = TrainingConfig.__dataclass_fields__[name]
+        if field.default_factory is not dataclasses.MISSING:
+            return field.default_factory()
+        return field.default
+
+
+def _model_tag(name: str) -> str:
+    base = name.rstrip("/").split("/")[-1] or name
+    return re.sub(r"[^A-Za-z0-9.\-]+", "-", base)[:48]
+
+
+def parse_config(args: Optional[Sequence[str]] = None, config_path: Optional[str] = None) -> TrainingConfig:
+    """Parse command-line flags (and an optional ``--config_path`` YAML) into a validated config.
+
+    Raises:
+        ValueError: an invalid value or combination (draccus' wrapper is removed so the message,
+            which says what to change, is what the user sees).
+    """
+    import draccus
+    from draccus.utils import ParsingError
+
+    try:
+        return draccus.parse(config_class=TrainingConfig, config_path=config_path, args=args)
+    except ParsingError as err:
+        if isinstance(err.__cause__, ValueError):
+            raise err.__cause__ from None
+        raise

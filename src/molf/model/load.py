@@ -1,0 +1,91 @@
+"""Load the model and tokenizer of a run: a hub id, a local directory, or a tiny model from a config."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from molf.model.tiny import build_tiny_model, is_tiny_name
+
+# The vendored Qwen2.5 tokenizer, used by tiny-* models (which share its vocabulary size).
+_VENDORED_TOKENIZER = Path("assets") / "tokenizer" / "qwen2.5"
+
+
+def vendored_tokenizer_dir() -> Path:
+    """Path of the repository's Qwen2.5 tokenizer, searched above this file and the working directory.
+
+    Returns:
+        The directory holding ``tokenizer.json``.
+
+    Raises:
+        FileNotFoundError: the package is installed outside its repository and no copy is found.
+    """
+    starts = [Path(__file__).resolve(), Path.cwd().resolve()]
+    for start in starts:
+        for parent in [start, *start.parents]:
+            candidate = parent / _VENDORED_TOKENIZER
+            if (candidate / "tokenizer.json").is_file():
+                return candidate
+    raise FileNotFoundError(
+        f"the vendored tokenizer {_VENDORED_TOKENIZER} was not found above {starts[0]} or {starts[1]}; "
+        "run from the repository or pass --tokenizer_name_or_path"
+    )
+
+
+def load_tokenizer(model_name_or_path: str, tokenizer_name_or_path: Optional[str] = None):
+    """Load the tokenizer of a run and make sure it can pad.
+
+    Args:
+        model_name_or_path: the run's model (its tokenizer is used unless overridden).
+        tokenizer_name_or_path: an explicit tokenizer (hub id or directory).
+
+    Returns:
+        A ``PreTrainedTokenizerBase`` with a pad token (eos when the tokenizer has none).
+    """
+    from transformers import AutoTokenizer
+
+    source = tokenizer_name_or_path
+    if source is None:
+        source = str(vendored_tokenizer_dir()) if is_tiny_name(model_name_or_path) else model_name_or_path
+    tokenizer = AutoTokenizer.from_pretrained(source)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_model(model_name_or_path: str, dtype: torch.dtype = torch.float32, attn_implementation: str = "sdpa",
+               seed: int = 0):
+    """Load a causal LM for training.
+
+    Args:
+        model_name_or_path: hub id, local directory, or ``tiny-<family>[:key=value,...]``.
+        dtype: parameter dtype (fp32 for fp32 / bf16-mixed training, bf16 for pure bf16).
+        attn_implementation: ``sdpa``, ``eager`` or ``flash_attention_2``.
+        seed: initialisation seed of tiny models (pretrained weights ignore it).
+
+    Returns:
+        The model, in train mode, with ``use_cache`` off (the KV cache is useless when training).
+
+    Raises:
+        ValueError: ``flash_attention_2`` requested without the ``flash_attn`` package.
+    """
+    if attn_implementation == "flash_attention_2":
+        import importlib.util
+
+        if importlib.util.find_spec("flash_attn") is None:
+            raise ValueError("attn_implementation flash_attention_2 needs flash-attn: pip install flash-attn, "
+                             "or use --attn_implementation sdpa")
+    if is_tiny_name(model_name_or_path):
+        model = build_tiny_model(model_name_or_path, seed=seed, dtype=dtype)
+        if model.config._attn_implementation != "eager":
+            model.config._attn_implementation = attn_implementation
+    else:
+        from transformers import AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_pretrained(model_name_or_path, dtype=dtype,
+                                                     attn_implementation=attn_implementation)
+    model.config.use_cache = False
+    model.train()
+    return model

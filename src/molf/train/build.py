@@ -1,0 +1,131 @@
+"""Assemble a run: precision, the mode's model surgery, ``TrainingArguments``, callbacks, the trainer."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Iterable, Optional
+
+import torch
+from transformers import TrainerCallback, TrainingArguments
+from transformers.trainer_utils import get_last_checkpoint
+
+from molf.train.callbacks import METRICS_FILENAME, JsonMetricsCallback, RoutingLogCallback
+from molf.train.config import MOLF_MODES, RESUME_AUTO, STRATEGY_MODES
+from molf.train.routing_log import LOG_FILENAME
+from molf.train.trainer import MoLFTrainer
+
+
+def resolve_precision(precision: str) -> str:
+    """``auto`` -> ``bf16_mixed`` on a bf16-capable GPU, else ``fp32``; other values unchanged."""
+    if precision != "auto":
+        return precision
+    if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+        return "bf16_mixed"
+    return "fp32"
+
+
+def model_dtype(precision: str) -> torch.dtype:
+    """Parameter dtype: bf16 only for pure bf16 training (mixed keeps fp32 master weights)."""
+    return torch.bfloat16 if resolve_precision(precision) == "bf16_pure" else torch.float32
+
+
+def apply_mode(model: torch.nn.Module, cfg: Any) -> torch.nn.Module:
+    """The mode's surgery: nothing (fft), peft LoRA (lora), MoLF experts (molf, molf_e).
+
+    Returns:
+        The model to train (a ``PeftModel`` in lora mode, ``model`` itself otherwise).
+    """
+    if cfg.mode == "lora":
+        from molf.model.lora_peft import apply_lora
+
+        return apply_lora(model, cfg)
+    if cfg.mode in MOLF_MODES:
+        from molf.model.wrap import wrap_model_with_molf
+
+        wrap_model_with_molf(model, cfg)
+    return model
+
+
+def training_arguments(cfg: Any) -> TrainingArguments:
+    """The Trainer's arguments from the run's config (seed and data order included)."""
+    precision = resolve_precision(cfg.precision)
+    if cfg.report_to == "tensorboard":
+        os.environ.setdefault("TENSORBOARD_LOGGING_DIR", str(cfg.log_dir))
+    if cfg.report_to == "wandb":
+        os.environ.setdefault("WANDB_DIR", str(cfg.log_dir))
+    return TrainingArguments(
+        output_dir=str(cfg.run_dir),
+        run_name=cfg.run_name,
+        per_device_train_batch_size=cfg.per_device_batch_size,
+        gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+        num_train_epochs=cfg.num_train_epochs,
+        max_steps=cfg.max_steps,
+        # The optimizer's groups carry their own lrs (FFT and LoRA kinds); the scheduler scales them all.
+        learning_rate=cfg.learning_rate,
+        weight_decay=cfg.weight_decay,
+        lr_scheduler_type=cfg.lr_scheduler_type,
+        warmup_steps=cfg.warm_up_ratio,  # a value < 1 is a ratio of the total steps
+        adam_beta1=cfg.adam_beta1,
+        adam_beta2=cfg.adam_beta2,
+        adam_epsilon=cfg.adam_epsilon,
+        max_grad_norm=cfg.max_grad_norm,
+        bf16=precision == "bf16_mixed",
+        activation_checkpointing=cfg.gradient_checkpointing,
+        logging_steps=cfg.logging_steps,
+        # json is ours (JsonMetricsCallback); HF has no such integration.
+        report_to=[cfg.report_to] if cfg.report_to in ("tensorboard", "wandb") else [],
+        save_strategy=cfg.save_strategy,
+        save_steps=cfg.save_steps,
+        save_total_limit=cfg.save_total_limit,
+        seed=cfg.seed,
+        data_seed=cfg.seed,
+        dataloader_num_workers=cfg.dataloader_num_workers,
+        remove_unused_columns=False,
+        # Routers with top-k selection leave some parameters without gradients in a step.
+        ddp_find_unused_parameters=cfg.mode in STRATEGY_MODES,
+    )
+
+
+def run_callbacks(cfg: Any) -> list[TrainerCallback]:
+    """The routing log (MoLF modes) and the JSON metrics file (``--report_to json``)."""
+    callbacks: list[TrainerCallback] = []
+    if cfg.mode in MOLF_MODES and cfg.routing_log_every > 0:
+        ranks = ([None] if cfg.molf_fft else []) + [int(r) for r in cfg.molf_lora_ranks]
+        callbacks.append(RoutingLogCallback(cfg.run_dir / LOG_FILENAME, ranks, cfg.molf_score_fn, cfg.molf_topk,
+                                            cfg.routing_log_every))
+    if cfg.report_to == "json":
+        callbacks.append(JsonMetricsCallback(cfg.run_dir / METRICS_FILENAME))
+    return callbacks
+
+
+def build_trainer(cfg: Any, model: torch.nn.Module, tokenizer: Any, train_dataset: Any, data_collator: Any,
+                  callbacks: Iterable[TrainerCallback] = (), strategy_runtime: Optional[Any] = None) -> MoLFTrainer:
+    """The run's ``MoLFTrainer`` (model already through ``apply_mode``)."""
+    return MoLFTrainer(
+        model=model,
+        args=training_arguments(cfg),
+        train_dataset=train_dataset,
+        data_collator=data_collator,
+        processing_class=tokenizer,
+        callbacks=[*run_callbacks(cfg), *callbacks],
+        run_cfg=cfg,
+        strategy_runtime=strategy_runtime,
+    )
+
+
+def resolve_resume(cfg: Any) -> Optional[str]:
+    """The checkpoint to resume from: the given path, the newest in the run directory (``auto``), or None.
+
+    Raises:
+        FileNotFoundError: an explicit checkpoint path that does not exist.
+    """
+    value = cfg.resume_from_checkpoint
+    if value is None:
+        return None
+    if value == RESUME_AUTO:
+        return get_last_checkpoint(str(cfg.run_dir)) if Path(cfg.run_dir).is_dir() else None
+    if not Path(value).is_dir():
+        raise FileNotFoundError(f"--resume_from_checkpoint {value} is not a directory; give a checkpoint-N "
+                                f"directory or 'auto' for the newest one in the run directory")
+    return value

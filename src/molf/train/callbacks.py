@@ -1,0 +1,69 @@
+"""Trainer callbacks: the routing log and the JSON metrics file (``--report_to json``)."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+from transformers import TrainerCallback
+
+from molf.train.routing_log import RoutingLogWriter
+
+METRICS_FILENAME = "metrics.jsonl"
+
+
+def unwrap_optimizer(optimizer: Any) -> Any:
+    """The torch optimizer under accelerate's ``AcceleratedOptimizer`` (or the optimizer itself)."""
+    return getattr(optimizer, "optimizer", optimizer)
+
+
+class RoutingLogCallback(TrainerCallback):
+    """Writes ``MoLFAdamW.last_routing`` to the routing log every ``every`` optimizer steps, rank 0 only.
+
+    The ``step`` of a line is the trainer's ``global_step`` after the optimizer step that made the
+    decision (1 for the first step), so a checkpoint ``checkpoint-N`` covers lines up to ``N``.
+    """
+
+    def __init__(self, path: Path, ranks: Sequence[Optional[int]], score_fn: str, topk: int, every: int) -> None:
+        self.every = every
+        self.writer = RoutingLogWriter(path, ranks, score_fn, topk, every)
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if state.is_world_process_zero:
+            # A fresh run keeps only the header; a resumed one keeps the lines up to its checkpoint.
+            self.writer.truncate_after(state.global_step)
+
+    def on_step_end(self, args, state, control, optimizer=None, **kwargs):
+        if not state.is_world_process_zero or state.global_step % self.every != 0:
+            return
+        decision = getattr(unwrap_optimizer(optimizer), "last_routing", None)
+        if decision is not None:
+            self.writer.write(decision, state.global_step)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self.writer.close()
+
+
+class JsonMetricsCallback(TrainerCallback):
+    """Appends every log dict (with its ``step``) as one line of ``<run_dir>/metrics.jsonl``, rank 0 only."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if not state.is_world_process_zero or not logs:
+            return
+        record = {"step": state.global_step, **{k: _jsonable(v) for k, v in logs.items()}}
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with self.path.open("a", encoding="utf-8") as handle:
+            handle.write(json.dumps(record) + "\n")
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, (int, float, str, bool)) or value is None:
+        return value
+    return str(value)

@@ -1,0 +1,100 @@
+"""Writer of ``molf_routing.jsonl`` (format: docs/DEVELOPING.md, "Routing log").
+
+Each line is serialized first and written with a single ``write`` call followed by a flush, so a
+killed run leaves whole JSON lines (at worst the OS drops the last one). Resuming truncates the log
+to the checkpoint's step, so the steps replayed after a resume are not logged twice.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+from typing import IO, Any, Optional, Sequence
+
+import torch
+
+LOG_FILENAME = "molf_routing.jsonl"
+VERSION = 1
+
+
+def _finite_or_none(value: float) -> Optional[float]:
+    return value if math.isfinite(value) else None
+
+
+def step_record(decision: Any, step: int) -> dict[str, Any]:
+    """One step line from a ``RoutingDecision`` with one device-to-host copy.
+
+    ``decision.scores`` is ``(M, E)`` fp32 (``-inf`` padding), ``decision.winners`` ``(M, E)`` bool.
+    """
+    num_experts = decision.scores.shape[1]
+    packed = torch.cat([decision.scores.float(), decision.winners.float()], dim=1)  # (M, 2E)
+    rows = packed.cpu().tolist()  # the one host copy of this step
+    return {
+        "type": "step",
+        "step": int(step),
+        "winners": [[e for e in range(num_experts) if row[num_experts + e] > 0.5] for row in rows],
+        "scores": [[_finite_or_none(s) for s in row[:num_experts]] for row in rows],
+    }
+
+
+class RoutingLogWriter:
+    """Appends routing decisions to ``<run_dir>/molf_routing.jsonl``; the header is written once.
+
+    Args:
+        path: the log file.
+        ranks: rank per expert in routing order (``None`` for the FFT expert).
+        score_fn: ``molf_score_fn`` of the run.
+        topk: ``molf_topk`` of the run.
+        every: log every this many optimizer steps.
+    """
+
+    def __init__(self, path: Path, ranks: Sequence[Optional[int]], score_fn: str, topk: int, every: int) -> None:
+        self.path = Path(path)
+        self.meta = {"ranks": list(ranks), "score_fn": score_fn, "topk": int(topk), "every": int(every)}
+        self._handle: Optional[IO[str]] = None
+        self._has_header = False
+
+    def truncate_after(self, step: int) -> None:
+        """Keep the header and the step lines with ``step <= step``; drop a torn last line."""
+        if not self.path.exists():
+            return
+        kept = []
+        with self.path.open("r", encoding="utf-8") as handle:
+            for line in handle:
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError:
+                    break  # a torn last line of a killed run
+                if record.get("type") == "header" or int(record.get("step", 0)) <= step:
+                    kept.append(json.dumps(record) + "\n")
+        tmp = self.path.with_suffix(".jsonl.tmp")
+        tmp.write_text("".join(kept), encoding="utf-8")
+        os.replace(tmp, self.path)
+
+    def write(self, decision: Any, step: int) -> None:
+        """Append the line of optimizer step ``step`` (and the header first if the file has none)."""
+        if self._handle is None:
+            self._open()
+        if not self._has_header:
+            header = {"type": "header", "version": VERSION, "modules": list(decision.module_names),
+                      "experts": list(decision.expert_names), **self.meta}
+            self._write_line(header)
+            self._has_header = True
+        self._write_line(step_record(decision, step))
+
+    def _open(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._has_header = self.path.exists() and self.path.stat().st_size > 0
+        self._handle = self.path.open("a", encoding="utf-8")
+
+    def _write_line(self, record: dict[str, Any]) -> None:
+        assert self._handle is not None
+        self._handle.write(json.dumps(record, allow_nan=False) + "\n")
+        self._handle.flush()
+
+    def close(self) -> None:
+        if self._handle is not None:
+            self._handle.close()
+            self._handle = None

@@ -1,0 +1,100 @@
+"""The HF ``Trainer`` subclass shared by every mode: it overrides hooks only.
+
+``create_optimizer`` builds the mode's optimizer (``molf.train.optimizers``), ``compute_loss``
+counts tokens for the throughput metrics (and adds a strategy's router losses), ``log`` adds
+throughput, step time, peak memory and strategy items. Data loading, DDP sampling, gradient
+accumulation, clipping, scheduling and checkpointing stay the Trainer's.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import torch
+from transformers import Trainer
+
+from molf.train.callbacks import unwrap_optimizer
+from molf.train.optimizers import build_optimizer
+from molf.train.throughput import ThroughputMeter
+
+
+class MoLFTrainer(Trainer):
+    """``Trainer`` with the run's optimizer, throughput logging and the strategy hooks.
+
+    Args:
+        run_cfg: the run's ``molf.config.TrainingConfig`` (mode, lrs, wds, routing rule).
+        strategy_runtime: a ``StrategyRuntime`` for the strategy modes, else None.
+        *args, **kwargs: passed to ``transformers.Trainer``.
+    """
+
+    def __init__(self, *args: Any, run_cfg: Any, strategy_runtime: Optional[Any] = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.run_cfg = run_cfg
+        self.strategy_runtime = strategy_runtime
+        self.throughput = ThroughputMeter()
+        self._strategy_items: dict[str, float] = {}
+
+    def create_optimizer(self, model: Optional[torch.nn.Module] = None) -> torch.optim.Optimizer:
+        if self.optimizer is None:
+            self.optimizer = build_optimizer(self.model if model is None else model, self.run_cfg)
+        return self.optimizer
+
+    def rebuild_optimizer(self) -> torch.optim.Optimizer:
+        """Rebuild the optimizer over the currently trainable parameters, mid-training.
+
+        The scheduler keeps its position and lambda: it is pointed at the new optimizer, whose
+        groups get ``initial_lr`` = their configured lr and ``lr`` = ``initial_lr * lambda(step)``.
+        The new optimizer is prepared by accelerate like the first one. Moments start from zero.
+        """
+        self.optimizer = None
+        raw = self.create_optimizer()
+        self.optimizer = self.accelerator.prepare_optimizer(raw)
+        if self.lr_scheduler is not None:
+            _repoint_scheduler(self.lr_scheduler, raw)
+        return self.optimizer
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if not self.throughput._since:
+            self.throughput.start(self.state.global_step)
+        self.throughput.update(inputs)
+        result = super().compute_loss(model, inputs, return_outputs=return_outputs,
+                                      num_items_in_batch=num_items_in_batch)
+        if self.strategy_runtime is None:
+            return result
+        extra, items = self.strategy_runtime.extra_loss(self.accelerator.unwrap_model(model))
+        self._strategy_items = items
+        if extra is None:
+            return result
+        if return_outputs:
+            return result[0] + extra, result[1]
+        return result + extra
+
+    def log(self, logs: dict[str, float], start_time: Optional[float] = None) -> None:
+        if "loss" in logs:
+            logs.update(self.throughput.read(self.state.global_step, self._sum_over_ranks))
+            logs.update(self._strategy_items)
+            if self.strategy_runtime is not None:
+                logs.update(self.strategy_runtime.log_items(self.state.global_step))
+        super().log(logs, start_time)
+
+    def _sum_over_ranks(self, tensor: torch.Tensor) -> torch.Tensor:
+        if self.accelerator.num_processes > 1:
+            return self.accelerator.reduce(tensor, reduction="sum")
+        return tensor
+
+    @property
+    def torch_optimizer(self) -> Optional[torch.optim.Optimizer]:
+        """The optimizer under accelerate's wrapper (None before training starts)."""
+        return None if self.optimizer is None else unwrap_optimizer(self.optimizer)
+
+
+def _repoint_scheduler(scheduler: Any, optimizer: torch.optim.Optimizer) -> None:
+    """Attach a ``LambdaLR``-style scheduler to a new optimizer, keeping ``last_epoch`` and its lambda."""
+    lam = scheduler.lr_lambdas[0]
+    for group in optimizer.param_groups:
+        group["initial_lr"] = group["lr"]
+        group["lr"] = group["initial_lr"] * lam(scheduler.last_epoch)
+    scheduler.optimizer = optimizer
+    scheduler.base_lrs = [g["initial_lr"] for g in optimizer.param_groups]
+    scheduler.lr_lambdas = [lam] * len(optimizer.param_groups)
+    scheduler._last_lr = [g["lr"] for g in optimizer.param_groups]
