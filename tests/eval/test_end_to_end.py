@@ -1,0 +1,117 @@
+"""Train a tiny Qwen2 a few steps on each task's fixture, evaluate it, find its row in the task's CSV."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+from molf.data import SFTCollator, build_train_dataset
+from molf.data.config import DataConfig
+from molf.eval import evaluate_task
+from molf.eval.cli import StandaloneEvalConfig, main
+from molf.eval.results import RUN_COLUMNS, TASK_METRICS
+from molf.model.tiny import build_tiny_model
+
+FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
+TINY = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1)
+TASKS = {
+    "med": ("med/train.jsonl", "med/validation.jsonl"),
+    "sql": ("sql/sql_create_context.jsonl", "sql/spider_dev.jsonl"),
+    "fact": ("fact/counterfact.jsonl", None),
+}
+
+
+def _train_few_steps(model, dataset, tokenizer, steps=2):
+    loader = DataLoader(dataset, batch_size=4, shuffle=True, collate_fn=SFTCollator(tokenizer))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    losses = []
+    for _, batch in zip(range(steps), loader):
+        loss = model(**batch).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    return losses
+
+
+def _run_info(task):
+    info = {name: None for name in RUN_COLUMNS if name not in ("timestamp_utc", "num_eval")}
+    info.update(run_name=f"e2e_{task}", mode="fft", model="tiny-qwen2", dataset=task, learning_rate=1e-2, seed=0)
+    return info
+
+
+@pytest.mark.parametrize("task", sorted(TASKS))
+def test_train_evaluate_and_append_row(task, tokenizer, tmp_path):
+    train_path, eval_path = TASKS[task]
+    cfg = StandaloneEvalConfig(dataset_type=task, data_path=str(FIXTURES / train_path),
+                               eval_data_path=str(FIXTURES / eval_path) if eval_path else None, num_train_samples=8,
+                               max_seq_length=256, num_eval_samples=4, eval_batch_size=4, max_new_tokens=4,
+                               results_dir=str(tmp_path))
+    model = build_tiny_model("qwen2", seed=0, **TINY)
+    losses = _train_few_steps(model, build_train_dataset(cfg, tokenizer, seed=0), tokenizer)
+    assert len(losses) == 2 and all(math.isfinite(loss) for loss in losses)
+    metrics = evaluate_task(task, model, tokenizer, cfg, _run_info(task))
+    with (tmp_path / f"{task}.csv").open(newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert len(rows) == 1
+    row = rows[0]
+    assert list(row) == list(RUN_COLUMNS) + list(TASK_METRICS[task])
+    assert row["run_name"] == f"e2e_{task}" and row["num_eval"] == "4"
+    for name in TASK_METRICS[task]:
+        assert float(row[name]) == pytest.approx(metrics[name], nan_ok=True)
+    if task != "fact":
+        assert 0.0 <= metrics[TASK_METRICS[task][0]] <= 100.0
+
+
+def test_cli_fills_run_columns_from_resolved_config_or_falls_back(tokenizer, tmp_path):
+    checkpoint = tmp_path / "run" / "final"
+    build_tiny_model("qwen2", seed=0, **TINY).save_pretrained(checkpoint)
+    tokenizer.save_pretrained(checkpoint)
+    args = ["--task", "med", "--model", str(checkpoint), "--data_path", str(FIXTURES / "med" / "validation.jsonl"),
+            "--num_eval_samples", "2", "--results_dir", str(tmp_path / "results")]
+    metrics = main(args)
+    with (tmp_path / "results" / "med.csv").open(newline="") as handle:
+        [row] = list(csv.DictReader(handle))
+    assert row["run_name"] == "run" and row["mode"] == "unknown" and row["checkpoint"] == str(checkpoint)
+    assert float(row["accuracy"]) == pytest.approx(metrics["accuracy"])
+
+
+def test_med_subjects_go_to_a_details_json(tokenizer, tmp_path):
+    records = [json.loads(line) for line in (FIXTURES / "med" / "validation.jsonl").read_text().splitlines()[:3]]
+    for record, subject in zip(records, ["Anatomy", "Anatomy", "Surgery"]):
+        record["subject_name"] = subject
+    data = tmp_path / "validation.jsonl"
+    data.write_text("".join(json.dumps(record) + "\n" for record in records))
+    cfg = StandaloneEvalConfig(dataset_type="med", eval_data_path=str(data), max_new_tokens=2, results_dir=str(tmp_path))
+    evaluate_task("med", build_tiny_model("qwen2", seed=0, **TINY), tokenizer, cfg, _run_info("med"))
+    details = json.loads((tmp_path / "med_details" / "e2e_med.json").read_text())
+    assert sorted(details["per_subject"]) == ["Anatomy", "Surgery"]
+    assert details["per_subject"]["Anatomy"]["num_eval"] == 2
+
+
+def test_data_config_rejects_bad_answer_base():
+    with pytest.raises(ValueError, match="med_answer_index_base"):
+        DataConfig(med_answer_index_base=2)
+
+
+def test_cli_reads_resolved_config_of_the_run(tokenizer, tmp_path):
+    from molf.config import TrainingConfig
+
+    run_cfg = TrainingConfig(dataset_type="med", mode="fft", model_name_or_path="tiny-qwen2", ckpt_dir_root=str(tmp_path))
+    checkpoint = tmp_path / "run" / "final"
+    build_tiny_model("qwen2", seed=0, **TINY).save_pretrained(checkpoint)
+    tokenizer.save_pretrained(checkpoint)
+    with (tmp_path / "run" / "resolved_config.yaml").open("w") as handle:
+        run_cfg.dump_yaml(handle)
+    main(["--task", "med", "--model", str(checkpoint), "--data_path", str(FIXTURES / "med" / "validation.jsonl"),
+          "--num_eval_samples", "2", "--results_dir", str(tmp_path / "results")])
+    with (tmp_path / "results" / "med.csv").open(newline="") as handle:
+        [row] = list(csv.DictReader(handle))
+    assert row["run_name"] == run_cfg.run_name and row["mode"] == "fft" and row["model"] == "tiny-qwen2"
+    assert row["checkpoint"] == str(checkpoint)

@@ -1,0 +1,95 @@
+"""SQL extraction, execution, matching and the known-answer case (gold as prediction)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from molf.data import load_examples
+from molf.data.sql import SQLExample
+from molf.eval.sql import extract_sql, gold_is_ordered, results_match, run_query, score_sql
+
+FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "sql"
+
+
+def _examples(name):
+    return load_examples(SimpleNamespace(dataset_type="sql", data_path=None, eval_data_path=str(FIXTURES / name)), "eval")
+
+
+def _memory_example(context: str, gold: str = "SELECT 1") -> SQLExample:
+    return SQLExample(prompt="", target=gold, question="q", context=context, db_path=None)
+
+
+@pytest.mark.parametrize("generated, expected", [
+    ("SELECT name FROM t WHERE id IN (SELECT id FROM u WHERE x > 1); trailing words",
+     "SELECT name FROM t WHERE id IN (SELECT id FROM u WHERE x > 1)"),
+    ("WITH c AS (SELECT a FROM t) SELECT a FROM c;", "WITH c AS (SELECT a FROM t) SELECT a FROM c"),
+    ("SELECT a FROM t UNION SELECT a FROM u", "SELECT a FROM t UNION SELECT a FROM u"),
+    ("INSERT INTO t (a) SELECT a FROM u WHERE a > 0; SELECT 2;", "INSERT INTO t (a) SELECT a FROM u WHERE a > 0"),
+    ("Here it is:\n```sql\nSELECT ';' AS s FROM t;\n```\nDone.", "SELECT ';' AS s FROM t"),
+    ("SELECT \"a;b\" FROM t WHERE c = 'x;y'", "SELECT \"a;b\" FROM t WHERE c = 'x;y'"),
+    ("SELECT a FROM t\n### Instruction:\nmore", "SELECT a FROM t"),
+    ("no query here", "no query here"),
+])
+def test_extract_first_complete_statement(generated, expected):
+    assert extract_sql(generated) == expected
+
+
+def test_gold_as_prediction_scores_100_on_spider_fixture():
+    examples = _examples("spider_dev.jsonl")
+    metrics = score_sql(examples, [example.target for example in examples], timeout_s=10.0)
+    assert metrics == {"execution_accuracy": 100.0, "exact_match": 100.0, "logic_match": 100.0,
+                       "valid_sql_rate": 100.0, "gold_errors": 0}
+
+
+def test_gold_as_prediction_on_gretel_rows_with_inserts():
+    examples = _examples("gretel_test.jsonl")
+    metrics = score_sql(examples, [example.target for example in examples], timeout_s=10.0)
+    assert metrics["execution_accuracy"] == 100.0 and metrics["exact_match"] == 100.0
+    assert metrics["gold_errors"] < len(examples)
+
+
+def test_wrong_query_is_not_an_execution_match_but_equivalent_one_is():
+    [example] = _examples("spider_dev.jsonl")[:1]  # SELECT count(*) FROM singer
+    metrics = score_sql([example] * 3, ["SELECT count(*) + 1 FROM singer", "select COUNT(*)   from singer",
+                                        "SELECT count(Singer_ID) FROM singer"], timeout_s=10.0)
+    assert metrics["execution_accuracy"] == pytest.approx(200 / 3)
+    assert metrics["exact_match"] == pytest.approx(100 / 3)
+    assert metrics["logic_match"] == pytest.approx(100 / 3)
+    assert metrics["valid_sql_rate"] == 100.0
+
+
+def test_order_matters_only_with_gold_order_by():
+    assert gold_is_ordered("SELECT a FROM t ORDER BY a")
+    assert not gold_is_ordered("SELECT a FROM t WHERE a IN (SELECT a FROM u ORDER BY a LIMIT 2)")
+    assert results_match([(1,), (2,), (2,)], [(2,), (1,), (2,)], ordered=False)
+    assert not results_match([(1,), (2,)], [(1,), (2,), (2,)], ordered=False)
+    assert not results_match([(1,), (2,)], [(2,), (1,)], ordered=True)
+
+
+def test_each_query_gets_a_fresh_database():
+    example = _memory_example("CREATE TABLE t (a INT); INSERT INTO t VALUES (1);")
+    assert run_query(example, "DELETE FROM t", 5.0) == ([], None)
+    assert run_query(example, "SELECT a FROM t", 5.0) == ([(1,)], None)
+
+
+def test_spider_database_is_read_only():
+    [example] = _examples("spider_dev.jsonl")[:1]
+    rows, error = run_query(example, "DELETE FROM singer", 5.0)
+    assert rows is None and "readonly" in error.replace(" ", "").lower()
+    assert run_query(example, "SELECT count(*) FROM singer", 5.0)[0] == [(6,)]
+
+
+def test_runaway_query_hits_the_time_limit():
+    runaway = "WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n) SELECT count(*) FROM n"
+    rows, error = run_query(_memory_example(""), runaway, timeout_s=0.2)
+    assert rows is None and "timed out" in error
+
+
+def test_missing_spider_database_is_a_clear_error(tmp_path):
+    [example] = _examples("spider_dev.jsonl")[:1]
+    moved = SQLExample(example.prompt, example.target, example.question, example.context, tmp_path / "x.sqlite")
+    with pytest.raises(FileNotFoundError, match="--spider_databases_dir"):
+        run_query(moved, "SELECT 1", 1.0)
