@@ -74,6 +74,11 @@ class _Bucket:
     cell_index: Tensor | None  # the same on the device, for index_add_
     sqrts: list[Tensor] | None = None  # sqrt(v) of this step, shared by the scores and the update
 
+    def cell_index_on(self, device: torch.device) -> Tensor:
+        if self.cell_index.device != device:
+            self.cell_index = torch.as_tensor(self.cell_index, device=device)  # once: buckets are cached
+        return self.cell_index
+
 
 class MoLFAdamW(Optimizer):
     """AdamW with Top-K optimizer routing among the experts of each ``MoLFLinear``.
@@ -255,10 +260,11 @@ class MoLFAdamW(Optimizer):
         """``numel`` and ``valid`` ``(M, E)`` and a 0/1 mask per param group, cached per device."""
         if device not in self._device_consts:
             shape = (self._experts.num_modules, self._experts.num_experts)
-            masks = {int(g): torch.as_tensor(self._expert_groups == g, dtype=torch.float32).view(shape).to(device)
+            masks = {int(g): torch.as_tensor((self._expert_groups == g).reshape(shape), dtype=torch.float32,
+                                             device=device)
                      for g in np.unique(self._expert_groups) if g >= 0}
-            self._device_consts[device] = (self._experts.numel.view(shape).to(device),
-                                           self._experts.valid.view(shape).to(device), masks)
+            self._device_consts[device] = (torch.as_tensor(self._experts.numel.view(shape), device=device),
+                                           torch.as_tensor(self._experts.valid.view(shape), device=device), masks)
         return self._device_consts[device]
 
     def _route(self, buckets: list[_Bucket]) -> np.ndarray:
@@ -273,7 +279,9 @@ class MoLFAdamW(Optimizer):
         for b in buckets:
             b.sqrts = torch._foreach_sqrt(b.exp_avg_sqs)  # kept: the update divides it in place
             tensor_sums = self.score_fn.tensor_sums(b.exp_avgs, b.sqrts, SCORE_EPS)  # (P,)
-            sums.index_add_(0, b.cell_index.to(device), tensor_sums.to(device))
+            if tensor_sums.device != device:  # a model spread over devices: gather the sums on the first
+                tensor_sums = tensor_sums.to(device, non_blocking=True)
+            sums.index_add_(0, b.cell_index_on(device), tensor_sums)
         lr = sum(mask * self.param_groups[g]["lr"] for g, mask in group_masks.items())  # (M, E)
         scores = self.score_fn.combine(sums.view(numel.shape), numel, lr)
         scores = torch.where(valid, scores, torch.full_like(scores, float("-inf")))  # (M, E)

@@ -1,0 +1,225 @@
+import copy
+import io
+from dataclasses import dataclass
+
+import pytest
+import torch
+from conftest import small_model
+
+from molf.model import LoRAConfig, MoLFConfig, molf_modules, wrap_model_with_molf
+from molf.optim import MoLFAdamW, OptimConfig, build_param_groups
+from molf.testing import count_host_syncs
+
+
+@dataclass
+class WrapConfig(MoLFConfig, LoRAConfig):
+    pass
+
+
+OPTIM = OptimConfig(learning_rate=1e-3, lora_learning_rate=3e-3, weight_decay=0.1, lora_weight_decay=0.01)
+
+
+def _molf_model(family="qwen2", ranks=(4, 8), fft=True, seed=0, **overrides):
+    model = small_model(family, seed=seed, **overrides)
+    torch.manual_seed(seed + 1)
+    wrap_model_with_molf(model, WrapConfig(molf_lora_ranks=list(ranks), molf_fft=fft, lora_dropout=0.0))
+    return model
+
+
+def _batch(seed=0):
+    return torch.randint(0, 128, (2, 8), generator=torch.Generator().manual_seed(seed))
+
+
+def _warmup(optimizer, warmup=3):
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda t: min(1.0, t / warmup))
+
+
+def _train_step(model, optimizer, scheduler, seed):
+    optimizer.zero_grad()
+    ids = _batch(seed)
+    model(ids, labels=ids).loss.backward()
+    optimizer.step()
+    scheduler.step()
+
+
+def _assert_models_equal(a, b):
+    for (name, p), q in zip(a.named_parameters(), b.parameters()):
+        assert torch.equal(p, q), name
+
+
+@pytest.mark.parametrize("fft, ranks, topk", [(True, (4, 8), 3), (True, (4,), 5), (False, (4, 8), 2)])
+def test_topk_all_experts_is_bit_identical_to_adamw(fft, ranks, topk):
+    cfg = OptimConfig(**{**vars(OPTIM), "molf_topk": topk})
+    model = _molf_model(ranks=ranks, fft=fft)
+    reference = copy.deepcopy(model)
+    molf = MoLFAdamW.from_config(model, cfg)
+    adamw = torch.optim.AdamW(build_param_groups(reference, cfg), foreach=True)
+    molf_sched, adamw_sched = _warmup(molf), _warmup(adamw)
+    for step in range(6):
+        _train_step(model, molf, molf_sched, step)
+        _train_step(reference, adamw, adamw_sched, step)
+        _assert_models_equal(model, reference)
+        assert molf.last_routing.winners.sum() == len(molf.module_names) * len(ranks + ((0,) if fft else ()))
+    for p in model.parameters():
+        if p.requires_grad:
+            ref = adamw.state[dict(zip(map(id, model.parameters()), reference.parameters()))[id(p)]]
+            assert torch.equal(molf.state[p]["exp_avg_sq"], ref["exp_avg_sq"])
+
+
+def test_step_zero_under_warmup_routes_every_module_to_fft():
+    model = _molf_model()
+    optimizer = MoLFAdamW.from_config(model, OPTIM)
+    _train_step(model, optimizer, _warmup(optimizer), 0)
+    routing = optimizer.last_routing
+    assert routing.step == 1 and routing.expert_names == ["fft", "lora0_r4", "lora1_r8"]
+    assert routing.scores.shape == (len(routing.module_names), 3) and routing.scores.dtype == torch.float32
+    assert torch.equal(routing.scores, torch.zeros_like(routing.scores))
+    assert routing.winners[:, 0].all() and not routing.winners[:, 1:].any()
+
+
+def _expert_snapshot(model, optimizer):
+    return [[[(p.detach().clone(), optimizer.state[p]["exp_avg"].clone()) if p in optimizer.state else
+              (p.detach().clone(), None) for p in expert] for expert in module.expert_params()]
+            for _, module in molf_modules(model)]
+
+
+def test_top1_updates_winners_only_while_loser_moments_move():
+    model = _molf_model(ranks=(4, 16))
+    cfg = OptimConfig(**{**vars(OPTIM), "lora_learning_rate": 2e-3})  # both kinds win somewhere
+    optimizer = MoLFAdamW.from_config(model, cfg)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda t: 1.0)
+    seen = torch.zeros(3, dtype=torch.bool)
+    for step in range(4):
+        before = _expert_snapshot(model, optimizer)
+        _train_step(model, optimizer, scheduler, step)
+        after = _expert_snapshot(model, optimizer)
+        winners = optimizer.last_routing.winners
+        assert (winners.sum(dim=1) == 1).all()
+        seen |= winners.any(dim=0)
+        for m, (old_module, new_module) in enumerate(zip(before, after)):
+            for e, (old, new) in enumerate(zip(old_module, new_module)):
+                changed = [not torch.equal(o[0], n[0]) for o, n in zip(old, new)]
+                if winners[m, e]:
+                    assert any(changed), (m, e)
+                else:
+                    assert not any(changed), (m, e)
+                    moved = [o[1] is None or not torch.equal(o[1], n[1]) for o, n in zip(old, new)]
+                    assert any(moved), (m, e)
+    assert seen[0] and seen[1:].any()  # both the FFT and a LoRA expert won somewhere
+
+
+def test_molf_e_never_changes_the_base():
+    model = _molf_model(fft=False, ranks=(4, 8))
+    base = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
+    assert base
+    optimizer = MoLFAdamW.from_config(model, OPTIM)
+    assert [g["kind"] for g in optimizer.param_groups] == ["lora", "other_no_decay", "other"]
+    scheduler = _warmup(optimizer, warmup=1)
+    for step in range(3):
+        _train_step(model, optimizer, scheduler, step)
+    assert all(torch.equal(p, base[n]) for n, p in model.named_parameters() if n in base)
+    assert any(optimizer.last_routing.winners[:, 1]) or any(optimizer.last_routing.winners[:, 0])
+
+
+def _run(model, optimizer, scheduler, steps):
+    for step in steps:
+        _train_step(model, optimizer, scheduler, step)
+
+
+def test_state_dict_round_trip_continues_identically():
+    cfg = OptimConfig(**{**vars(OPTIM), "lora_learning_rate": 2e-2})
+    model = _molf_model()
+    optimizer = MoLFAdamW.from_config(model, cfg)
+    scheduler = _warmup(optimizer)
+    _run(model, optimizer, scheduler, range(3))
+    buffer = io.BytesIO()
+    torch.save({"model": model.state_dict(), "optim": optimizer.state_dict(), "sched": scheduler.state_dict()},
+               buffer)
+    _run(model, optimizer, scheduler, range(3, 6))
+
+    buffer.seek(0)
+    saved = torch.load(buffer, weights_only=True)
+    resumed = _molf_model(seed=7)  # a fresh model and optimizer, as the HF Trainer builds them on resume
+    resumed.load_state_dict(saved["model"])
+    resumed_optimizer = MoLFAdamW.from_config(resumed, cfg)
+    resumed_scheduler = _warmup(resumed_optimizer)  # built before loading, in the Trainer's order
+    resumed_optimizer.load_state_dict(saved["optim"])
+    resumed_scheduler.load_state_dict(saved["sched"])
+    _run(resumed, resumed_optimizer, resumed_scheduler, range(3, 6))
+    _assert_models_equal(resumed, model)
+    assert resumed_optimizer.last_routing.step == optimizer.last_routing.step == 6
+    assert torch.equal(resumed_optimizer.last_routing.winners, optimizer.last_routing.winners)
+
+
+def test_param_groups_hold_no_tensors_besides_params():
+    optimizer = MoLFAdamW.from_config(_molf_model(), OPTIM)
+    for group in optimizer.state_dict()["param_groups"]:
+        for key, value in group.items():
+            assert not isinstance(value, torch.Tensor), key
+            if isinstance(value, (list, tuple)):
+                assert all(not isinstance(v, torch.Tensor) for v in value), key
+
+
+@pytest.mark.parametrize("layers", [1, 4])
+def test_one_host_sync_per_step_whatever_the_size(layers):
+    model = _molf_model(num_hidden_layers=layers)
+    optimizer = MoLFAdamW.from_config(model, OPTIM)
+    ids = _batch()
+    for _ in range(3):
+        optimizer.zero_grad()
+        model(ids, labels=ids).loss.backward()
+        with count_host_syncs() as syncs:
+            optimizer.step()
+        assert syncs.count == 1, syncs.calls
+
+
+def test_non_finite_gradient_resets_only_that_expert():
+    model = _molf_model()
+    optimizer = MoLFAdamW.from_config(model, OPTIM)
+    scheduler = _warmup(optimizer, warmup=1)
+    _run(model, optimizer, scheduler, range(2))
+    name, module = molf_modules(model)[0]
+    lora_b = module.lora_B[0]
+    weights_before = lora_b.detach().clone()
+    optimizer.zero_grad()
+    ids = _batch(9)
+    model(ids, labels=ids).loss.backward()
+    lora_b.grad[0, 0] = float("nan")
+    others_before = [p.detach().clone() for p in module.expert_params()[0]]
+    optimizer.step()
+    routing = optimizer.last_routing
+    assert not torch.isfinite(routing.scores[0, 1]) and not routing.winners[0, 1]
+    assert routing.winners[0].sum() == 1
+    assert torch.equal(lora_b, weights_before)
+    state = optimizer.state[lora_b]
+    assert state["step"] == 0 and not state["exp_avg"].any() and not state["exp_avg_sq"].any()
+    assert optimizer.nonfinite_resets == 1
+    assert torch.isfinite(routing.scores[1:, :]).all()
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    if routing.winners[0, 0]:
+        assert not all(torch.equal(a, b) for a, b in zip(others_before, module.expert_params()[0]))
+
+
+def test_expert_missing_from_groups_raises():
+    model = _molf_model()
+    groups = [g for g in build_param_groups(model, OPTIM) if g["kind"] != "lora"]
+    with pytest.raises(ValueError, match="every parameter of an expert"):
+        MoLFAdamW(groups, model)
+
+
+def test_expert_split_across_groups_raises():
+    model = _molf_model()
+    _, module = molf_modules(model)[0]
+    lora = [p for _, m in molf_modules(model) for e in m.expert_params()[1:] for p in e]
+    first, rest = lora[:1], lora[1:]
+    fft = [p for _, m in molf_modules(model) for p in m.expert_params()[0]]
+    with pytest.raises(ValueError, match="every parameter of an expert"):
+        MoLFAdamW([{"params": fft}, {"params": first}, {"params": rest}], model)
+
+
+def test_bad_topk_and_score_raise():
+    model = _molf_model()
+    with pytest.raises(ValueError, match="topk"):
+        MoLFAdamW(model.parameters(), model, topk=0)
+    with pytest.raises(ValueError, match="molf_score_fn"):
+        MoLFAdamW(model.parameters(), model, score_fn="nope")
