@@ -1,0 +1,107 @@
+"""Selecting jobs, detecting finished runs, and running a sweep locally (with a stand-in trainer)."""
+
+from __future__ import annotations
+
+import csv
+import sys
+import textwrap
+
+import pytest
+
+from molf.sweep import runner
+from molf.sweep.grid import grid_jobs
+from molf.sweep.runner import (
+    RunPaths,
+    completed_run_names,
+    filter_jobs,
+    is_done,
+    job_config,
+    launch_command,
+    parse_indices,
+    run_jobs,
+)
+
+# Stands in for src/script/train.py: parses the flags like the trainer and appends the result row.
+FAKE_TRAIN = textwrap.dedent("""
+    import csv, sys
+    from pathlib import Path
+    from molf.config import parse_config
+    cfg = parse_config(sys.argv[1:])
+    Path(cfg.results_dir).mkdir(parents=True, exist_ok=True)
+    path = Path(cfg.results_dir) / f"{cfg.dataset_type}.csv"
+    new = not path.exists()
+    with path.open("a", newline="") as handle:
+        writer = csv.writer(handle)
+        if new:
+            writer.writerow(["run_name", "accuracy"])
+        writer.writerow([cfg.run_name, 50.0])
+""")
+
+
+def test_parse_indices():
+    assert parse_indices("0-3,7", 10) == [0, 1, 2, 3, 7]
+    assert parse_indices("5", 10) == [5]
+    with pytest.raises(ValueError, match="outside the grid"):
+        parse_indices("8-12", 10)
+    with pytest.raises(ValueError, match="bad index range"):
+        parse_indices("a-b", 10)
+
+
+def test_filter_jobs():
+    jobs = grid_jobs("molf")
+    selected = filter_jobs(jobs, ["task=med", "model=Qwen/Qwen2.5-1.5B", "lr=5e-5"])
+    assert len(selected) == 2 * 2  # LoRA lrs x schedules
+    assert all(j.flags["dataset_type"] == "med" and j.flags["learning_rate"] == 5e-5 for j in selected)
+    assert filter_jobs(jobs, ["scheduler=linear", "lora_lr=0.0005"])[0].flags["lr_scheduler_type"] == "linear"
+    with pytest.raises(ValueError, match="KEY=VALUE"):
+        filter_jobs(jobs, ["med"])
+    with pytest.raises(ValueError, match="no job of this grid has the flag"):
+        filter_jobs(jobs, ["lora_rank=32"])
+
+
+def test_launch_command():
+    command = launch_command(["--mode", "fft"], "torchrun", nproc=2, port=12345)
+    assert command[:5] == ["torchrun", "--nnodes", "1", "--nproc_per_node=2", "--master_port=12345"]
+    assert command[-3:] == ["src/script/train.py", "--mode", "fft"]
+    assert launch_command(["--mode", "fft"])[0] == sys.executable
+    with pytest.raises(ValueError, match="launcher"):
+        launch_command([], "srun")
+
+
+def test_done_detection(tmp_path):
+    paths = RunPaths(str(tmp_path / "ckpts"), str(tmp_path / "logs"), str(tmp_path / "results"))
+    job = grid_jobs("lora")[4]
+    assert completed_run_names(paths.results_dir, job.task) == set()
+    assert not is_done(job, paths)
+    (tmp_path / "results").mkdir()
+    with (tmp_path / "results" / f"{job.task}.csv").open("w", newline="") as handle:
+        csv.writer(handle).writerows([["run_name", "accuracy"], [job_config(job, paths).run_name, 1.0]])
+    assert is_done(job, paths)
+    assert not is_done(grid_jobs("lora")[5], paths)
+
+
+def test_run_resume_and_dry_run(tmp_path, monkeypatch, capsys):
+    script = tmp_path / "train.py"
+    script.write_text(FAKE_TRAIN)
+    monkeypatch.setattr(runner, "TRAIN_SCRIPT", str(script))
+    paths = RunPaths(str(tmp_path / "ckpts"), str(tmp_path / "logs"), str(tmp_path / "results"))
+    jobs = filter_jobs(grid_jobs("fft"), ["task=med", "model=Qwen/Qwen2.5-1.5B", "scheduler=cosine", "lr=5e-5"])
+
+    assert run_jobs(jobs, paths, dry_run=True) == {"ran": [], "skipped": [], "failed": []}
+    assert str(script) in capsys.readouterr().out and not (tmp_path / "results").exists()
+
+    first = run_jobs(jobs, paths)
+    assert first == {"ran": [j.index for j in jobs], "skipped": [], "failed": []}
+    assert completed_run_names(paths.results_dir, "med") == {job_config(jobs[0], paths).run_name}
+    again = run_jobs(jobs, paths)
+    assert again == {"ran": [], "skipped": [j.index for j in jobs], "failed": []}
+
+
+def test_failure_stops_unless_keep_going(tmp_path, monkeypatch):
+    script = tmp_path / "train.py"
+    script.write_text("import sys\nsys.exit(3)\n")
+    monkeypatch.setattr(runner, "TRAIN_SCRIPT", str(script))
+    paths = RunPaths(str(tmp_path / "c"), str(tmp_path / "l"), str(tmp_path / "r"))
+    jobs = grid_jobs("lora")[:2]
+    assert run_jobs(jobs, paths)["failed"] == [0]
+    assert run_jobs(jobs, paths, keep_going=True)["failed"] == [0, 1]
