@@ -33,17 +33,22 @@ def model_dtype(precision: str) -> torch.dtype:
 def apply_mode(model: torch.nn.Module, cfg: Any) -> torch.nn.Module:
     """The mode's surgery: nothing (fft), peft LoRA (lora), MoLF experts (molf, molf_e).
 
+    The adapters' random init is drawn from ``cfg.seed`` alone, so it does not depend on what
+    consumed the global RNG before (two runs with one seed start from the same adapters).
+
     Returns:
         The model to train (a ``PeftModel`` in lora mode, ``model`` itself otherwise).
     """
-    if cfg.mode == "lora":
-        from molf.model.lora_peft import apply_lora
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed)
+        if cfg.mode == "lora":
+            from molf.model.lora_peft import apply_lora
 
-        return apply_lora(model, cfg)
-    if cfg.mode in MOLF_MODES:
-        from molf.model.wrap import wrap_model_with_molf
+            return apply_lora(model, cfg)
+        if cfg.mode in MOLF_MODES:
+            from molf.model.wrap import wrap_model_with_molf
 
-        wrap_model_with_molf(model, cfg)
+            wrap_model_with_molf(model, cfg)
     return model
 
 
@@ -81,6 +86,7 @@ def training_arguments(cfg: Any) -> TrainingArguments:
         seed=cfg.seed,
         data_seed=cfg.seed,
         dataloader_num_workers=cfg.dataloader_num_workers,
+        dataloader_pin_memory=torch.cuda.is_available(),
         remove_unused_columns=False,
         # Routers with top-k selection leave some parameters without gradients in a step.
         ddp_find_unused_parameters=cfg.mode in STRATEGY_MODES,

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import shutil
 from pathlib import Path
 from typing import Any
@@ -14,14 +13,11 @@ ADAPTER_DIR = "adapter"
 
 
 def _is_vanilla(model: nn.Module) -> bool:
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
     from molf.model.molf_linear import MoLFLinear
 
-    wrapped = (MoLFLinear,)
-    if importlib.util.find_spec("peft") is not None:
-        from peft.tuners.tuners_utils import BaseTunerLayer
-
-        wrapped += (BaseTunerLayer,)
-    return not any(isinstance(m, wrapped) for m in model.modules())
+    return not any(isinstance(m, (MoLFLinear, BaseTunerLayer)) for m in model.modules())
 
 
 def merged_model(model: nn.Module, cfg: Any, run_dir: Path) -> nn.Module:
@@ -46,14 +42,11 @@ def merged_model(model: nn.Module, cfg: Any, run_dir: Path) -> nn.Module:
     return model
 
 
-def _save_molf_e_adapter(model: nn.Module, cfg: Any, adapter_dir: Path) -> bool:
-    """PEFT-format adapter of a MoLF-E model when ``molf.model.peft_export`` provides the exporter."""
-    if importlib.util.find_spec("molf.model.peft_export") is None:
-        return False
-    from molf.model import peft_export
+def _save_molf_e_adapter(model: nn.Module, cfg: Any, adapter_dir: Path) -> None:
+    """PEFT-format adapter of a MoLF-E model (its LoRA experts folded into one adapter per module)."""
+    from molf.model.peft_export import save_peft_adapter
 
-    peft_export.save_molf_e_adapter(model, cfg, adapter_dir)
-    return True
+    save_peft_adapter(model, adapter_dir, base_model_name_or_path=cfg.model_name_or_path)
 
 
 def save_final(model: nn.Module, tokenizer: Any, cfg: Any) -> Path:

@@ -1,0 +1,157 @@
+"""TrainingConfig: flat flags, reference spellings, parse-time validation, run naming, YAML round trip."""
+
+from __future__ import annotations
+
+import dataclasses
+import warnings
+
+import pytest
+
+from molf.config import TrainingConfig, parse_config
+from molf.eval.results import RUN_COLUMNS
+
+QUICKSTART = [
+    "--model_name_or_path", "Qwen/Qwen2.5-1.5B", "--dataset_type", "med", "--mode", "molf",
+    "--molf_score_fn", "true_projected", "--molf_topk", "1", "--molf_lora_ranks", "[128]",
+    "--learning_rate", "5e-5", "--lora_learning_rate", "5e-5", "--weight_decay", "0.1",
+    "--lora_weight_decay", "0.01", "--use_rslora", "True", "--per_device_batch_size", "8",
+    "--gradient_accumulation_steps", "4", "--num_train_epochs", "2", "--lr_scheduler_type", "cosine",
+    "--warm_up_ratio", "0.1", "--ckpt_dir_root", "ckpts/",
+]
+
+
+def test_quickstart_flags_parse_flat():
+    cfg = parse_config(QUICKSTART)
+    assert (cfg.mode, cfg.molf_lora_ranks, cfg.molf_topk, cfg.weight_decay) == ("molf", [128], 1, 0.1)
+    assert (cfg.per_device_batch_size, cfg.gradient_accumulation_steps, cfg.lr_scheduler_type) == (8, 4, "cosine")
+
+
+def test_every_reference_flag_is_a_field():
+    reference = """model_name_or_path dataset_type mode learning_rate lora_learning_rate weight_decay
+    lora_weight_decay num_train_epochs lr_scheduler_type warm_up_ratio per_device_batch_size
+    gradient_accumulation_steps seed ckpt_dir_root log_dir_root logging_steps report_to save_strategy
+    save_steps save_total_limit clean_ckpt_at_end only_eval lora_rank lora_alpha lora_dropout use_rslora
+    lora_effective_scale molf_lora_ranks molf_score_fn molf_topk molf_fft molf_freeze_non_linear""".split()
+    names = {f.name for f in dataclasses.fields(TrainingConfig)}
+    assert [flag for flag in reference if flag not in names] == []
+
+
+@pytest.mark.parametrize("args", [
+    ["--mode", "molf_e", "--molf_lora_ranks", "[32,128]"],
+    ["--mode", "molf", "--molf_fft", "False", "--molf_lora_ranks", "[32,128]"],
+])
+def test_molf_e_spellings_name_the_same_run(args):
+    cfg = parse_config(args)
+    assert (cfg.mode, cfg.molf_fft, cfg.molf_lora_ranks) == ("molf_e", False, [32, 128])
+    assert cfg.run_name == parse_config(["--mode", "molf_e", "--molf_lora_ranks", "[32,128]"]).run_name
+
+
+@pytest.mark.parametrize("args, fragment", [
+    (["--molf_topk", "0"], "molf_topk must be >= 1"),
+    (["--molf_topk", "3"], "exceeds the 2 experts"),
+    (["--mode", "molf_e", "--molf_lora_ranks", "[32,128]", "--molf_topk", "3"], "exceeds the 2 experts"),
+    (["--molf_lora_ranks", "[0]"], "molf_lora_ranks must be positive"),
+    (["--molf_lora_ranks", "[-4,8]"], "molf_lora_ranks must be positive"),
+    (["--lora_rank", "0"], "lora_rank must be a positive"),
+    (["--mode", "fft", "--molf_topk", "2"], "only apply to --mode molf"),
+    (["--mode", "lora", "--molf_lora_ranks", "[8]"], "only apply to --mode molf"),
+    (["--lr_scheduler_type", "cosinus"], "lr_scheduler_type 'cosinus' is not supported"),
+    (["--lr_scheduler_type", "reduce_lr_on_plateau"], "is not supported"),
+    (["--warm_up_ratio", "1.5"], "warm_up_ratio"),
+    (["--per_device_batch_size", "0"], "per_device_batch_size"),
+    (["--validate_only", "True", "--preflight", "True"], "pick one"),
+])
+def test_invalid_combinations_fail_at_parse_time(args, fragment):
+    with pytest.raises(ValueError, match=fragment):
+        parse_config(args)
+
+
+def test_unknown_score_fn_is_rejected_by_the_parser_and_by_the_dataclass(capsys):
+    with pytest.raises(SystemExit):
+        parse_config(["--molf_score_fn", "cosine"])
+    assert "molf_score_fn" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="unknown molf_score_fn"):
+        TrainingConfig(molf_score_fn="cosine")
+
+
+def test_flash_attention_without_flash_attn_is_a_clear_error():
+    import importlib.util
+
+    if importlib.util.find_spec("flash_attn") is not None:
+        pytest.skip("flash_attn is installed here")
+    with pytest.raises(ValueError, match="pip install flash-attn"):
+        parse_config(["--attn_implementation", "flash_attention_2"])
+
+
+def test_parsing_creates_nothing_on_disk(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cfg = parse_config(["--ckpt_dir_root", str(tmp_path / "ck"), "--log_dir_root", str(tmp_path / "lg"),
+                        "--report_to", "json"])
+    assert cfg.run_dir.parent == tmp_path / "ck"
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_ignored_knob_warns():
+    with pytest.warns(UserWarning, match="--lora_rank is ignored in mode molf"):
+        TrainingConfig(mode="molf", lora_rank=8)
+
+
+VARIATIONS = {
+    "mode": "fft", "model_name_or_path": "Qwen/Qwen2.5-3B", "dataset_type": "sql", "learning_rate": 1e-4,
+    "lora_learning_rate": 5e-4, "weight_decay": 0.01, "lora_weight_decay": 0.1, "molf_lora_ranks": [32],
+    "molf_topk": 2, "molf_score_fn": "projected", "lr_scheduler_type": "linear", "warm_up_ratio": 0.05,
+    "num_train_epochs": 3.0, "per_device_batch_size": 4, "gradient_accumulation_steps": 8, "seed": 1,
+    "data_path": "x.jsonl", "max_seq_length": 512, "lora_dropout": 0.1, "precision": "bf16_pure",
+    "max_steps": 100, "num_train_samples": 1000,
+}
+
+
+def test_run_names_differ_for_every_distinguishing_hyperparameter():
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        base = TrainingConfig()
+        names = {"base": base.run_name}
+        for field, value in VARIATIONS.items():
+            names[field] = TrainingConfig(**{field: value}).run_name
+    assert len(set(names.values())) == len(names), names
+    assert TrainingConfig().run_name == base.run_name  # deterministic
+    # Output locations and logging do not change the run's identity (resume finds the same directory).
+    assert TrainingConfig(ckpt_dir_root="elsewhere", logging_steps=1, report_to="none").run_name == base.run_name
+
+
+def test_run_name_is_readable():
+    cfg = parse_config(QUICKSTART + ["--seed", "7"])
+    for part in ("molf", "Qwen2.5-1.5B", "med", "lr5e-05", "wd0.1", "lwd0.01", "r128", "k1", "epd", "cosine",
+                 "wu0.1", "ep2", "bs8x4", "s7"):
+        assert part in cfg.run_name.split("_"), part
+    assert str(cfg.run_dir).startswith("ckpts")
+
+
+def test_yaml_round_trip(tmp_path):
+    cfg = parse_config(["--mode", "molf_e", "--molf_lora_ranks", "[32,128]", "--molf_topk", "2", "--seed", "3"])
+    path = tmp_path / "resolved_config.yaml"
+    with open(path, "w") as handle:
+        cfg.dump_yaml(handle)
+    again = parse_config([], config_path=str(path))
+    assert again == cfg and again.run_name == cfg.run_name
+
+
+def test_config_path_flag_and_override(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("mode: lora\nlora_rank: 8\nseed: 5\n")
+    cfg = parse_config(["--config_path", str(path), "--seed", "6"])
+    assert (cfg.mode, cfg.lora_rank, cfg.seed) == ("lora", 8, 6)
+
+
+def test_run_info_has_the_results_run_columns():
+    info = parse_config(QUICKSTART).to_run_info()
+    assert set(info) == set(RUN_COLUMNS) - {"timestamp_utc", "num_eval"}
+    assert info["molf_lora_ranks"] == "[128]" and info["lora_rank"] is None
+    fft = TrainingConfig(mode="fft").to_run_info()
+    assert fft["molf_topk"] is None and fft["lora_learning_rate"] is None
+
+
+def test_strategy_mode_is_validated_at_parse_time():
+    with pytest.raises(ValueError):
+        parse_config(["--mode", "mixture_lora", "--num_experts", "2", "--expert_top_k", "3"])
+    assert parse_config(["--mode", "dense_lora"]).mode == "dense_lora"

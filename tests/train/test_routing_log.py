@@ -1,0 +1,95 @@
+"""The routing-log writer: header once, full-precision scores, one whole line per step, resume truncation."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+import pytest
+import torch
+
+from molf.analysis.routing_log import read_routing_log
+from molf.train.routing_log import RoutingLogWriter, step_record
+
+
+@dataclass
+class FakeDecision:
+    scores: torch.Tensor
+    winners: torch.Tensor
+    module_names: list
+    expert_names: list
+    step: int
+
+
+def decision(step: int, seed: int = 0) -> FakeDecision:
+    g = torch.Generator().manual_seed(seed + step)
+    scores = torch.rand(3, 2, generator=g) * 1e-7  # (M, E)
+    scores[2, 1] = float("-inf")  # a module with fewer experts
+    winners = torch.zeros(3, 2, dtype=torch.bool)
+    winners[torch.arange(3), scores.argmax(1)] = True
+    return FakeDecision(scores, winners, ["l.0.q_proj", "l.0.v_proj", "l.1.q_proj"], ["fft", "lora0_r8"], step)
+
+
+def writer(path, every=1):
+    return RoutingLogWriter(path, [None, 8], "true_projected", 1, every)
+
+
+def test_header_then_steps_with_exact_scores(tmp_path):
+    path = tmp_path / "molf_routing.jsonl"
+    w = writer(path)
+    decisions = [decision(s) for s in (1, 2)]
+    for s, d in zip((1, 2), decisions):
+        w.write(d, s)
+    w.close()
+    lines = [json.loads(line) for line in path.read_text().splitlines()]
+    assert lines[0] == {"type": "header", "version": 1, "modules": decisions[0].module_names,
+                        "experts": ["fft", "lora0_r8"], "ranks": [None, 8], "score_fn": "true_projected",
+                        "topk": 1, "every": 1}
+    assert [line["step"] for line in lines[1:]] == [1, 2]
+    first = lines[1]
+    assert first["scores"][0] == decisions[0].scores[0].tolist()  # fp32 values survive exactly
+    assert first["scores"][2][1] is None  # -inf padding -> null
+    assert first["winners"] == [[int(i)] for i in decisions[0].scores.argmax(1)]
+
+
+def test_reopen_appends_without_second_header(tmp_path):
+    path = tmp_path / "molf_routing.jsonl"
+    w = writer(path)
+    w.write(decision(1), 1)
+    w.close()
+    w = writer(path)
+    w.write(decision(2), 2)
+    w.close()
+    kinds = [json.loads(line)["type"] for line in path.read_text().splitlines()]
+    assert kinds == ["header", "step", "step"]
+
+
+def test_truncate_after_drops_later_steps_and_a_torn_line(tmp_path):
+    path = tmp_path / "molf_routing.jsonl"
+    w = writer(path)
+    for s in range(1, 6):
+        w.write(decision(s), s)
+    w.close()
+    with path.open("a") as handle:
+        handle.write('{"type": "step", "step": 6, "winn')  # killed mid-write
+    w = writer(path)
+    w.truncate_after(3)
+    w.write(decision(4, seed=100), 4)
+    w.close()
+    log = read_routing_log(path)
+    assert log.steps.tolist() == [1, 2, 3, 4]
+    assert log.scores[3, 0, 0] == pytest.approx(decision(4, seed=100).scores[0, 0].item(), rel=0)
+
+
+def test_one_host_copy_per_step(monkeypatch):
+    d = decision(1)
+    calls = []
+    original = torch.Tensor.cpu
+
+    def counting_cpu(self, *args, **kwargs):
+        calls.append(self.shape)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.Tensor, "cpu", counting_cpu)
+    record = step_record(d, 1)
+    assert len(calls) == 1 and record["step"] == 1
