@@ -40,10 +40,7 @@ class ScoreFn:
 
 def _ratio(exp_avgs: list[Tensor], sqrts: list[Tensor], eps_s: float) -> list[Tensor]:
     """``m / (sqrt(v) + eps_s)`` per tensor (new tensors; the inputs are not modified)."""
-    denom = torch._foreach_add(sqrts, eps_s)
-    torch._foreach_reciprocal_(denom)
-    torch._foreach_mul_(denom, exp_avgs)
-    return denom
+    return torch._foreach_div(exp_avgs, torch._foreach_add(sqrts, eps_s))
 
 
 def _stack_fp32(values: tuple[Tensor, ...] | list[Tensor]) -> Tensor:
