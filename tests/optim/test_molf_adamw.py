@@ -209,7 +209,6 @@ def test_expert_missing_from_groups_raises():
 
 def test_expert_split_across_groups_raises():
     model = _molf_model()
-    _, module = molf_modules(model)[0]
     lora = [p for _, m in molf_modules(model) for e in m.expert_params()[1:] for p in e]
     first, rest = lora[:1], lora[1:]
     fft = [p for _, m in molf_modules(model) for p in m.expert_params()[0]]
