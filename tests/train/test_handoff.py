@@ -82,6 +82,15 @@ def test_design_rules_raise():
     assert "after training ends" in warning
 
 
+def test_freeze_that_leaves_nothing_to_train_raises():
+    phases = parse_phases([{"step": 0, "trainable": ["router", "lora"]}, {"step": 10, "trainable": ["base_ffn"]},
+                           {"step": 40, "trainable": ["lora"]}], "moe_expert_lora", attn_lora=False)
+    with pytest.raises(ValueError, match="from step 40 nothing trains"):
+        handoff_rules(parse_handoff({"fade": FADE}), "moe_expert_lora", phases, False, None)
+    keep = parse_handoff({"fade": {**FADE, "end_action": "keep"}})
+    assert handoff_rules(keep, "moe_expert_lora", phases, False, None) == []
+
+
 def test_warnings_on_windows():
     same = parse_handoff({"fade": FADE, "lr_ramp": RAMP})
     assert handoff_rules(same, "moe_expert_lora", PHASES, True, 100) == []

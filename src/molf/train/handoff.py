@@ -22,7 +22,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Optional, Sequence
 
-from molf.train.phases import Phase, first_step_training
+from molf.train.phases import Phase, first_step_training, phase_index_at
 
 FADE_TARGETS = {"ffn": "lora", "attn": "attn_lora"}  # fade target -> trainable group it scales
 CURVES = ("linear", "cosine")
@@ -102,6 +102,8 @@ class HandoffExport:
 
 @dataclass(frozen=True)
 class Handoff:
+    """The parsed ``handoff`` field: one fade per target, the optional base-FFN LR ramp, export options."""
+
     fades: tuple[Fade, ...]
     lr_ramp: Optional[LRRamp] = None
     export: HandoffExport = field(default_factory=HandoffExport)
@@ -199,7 +201,8 @@ def handoff_rules(handoff: Handoff, mode: str, phases: Sequence[Phase], attn_lor
 
     Raises:
         ValueError: the mode is not moe_expert_lora; no phase unfreezes base_ffn; an attention fade without
-            attention LoRA; a fade starting before base_ffn is unfrozen or not before the last step.
+            attention LoRA; a fade starting before base_ffn is unfrozen or not before the last step; a freeze
+            that leaves nothing to train.
     """
     if mode != "moe_expert_lora":
         raise ValueError(f"handoff is only for mode moe_expert_lora (got {mode}): remove handoff or change the mode")
@@ -215,7 +218,17 @@ def handoff_rules(handoff: Handoff, mode: str, phases: Sequence[Phase], attn_lor
         if total_steps is not None and fade.start_step >= total_steps - 1:
             raise ValueError(f"the {fade.target} fade starts at step {fade.start_step} but the last optimizer step is "
                              f"{total_steps - 1}: start it earlier")
+    _check_something_trains(handoff, phases)
     return _handoff_warnings(handoff, total_steps)
+
+
+def _check_something_trains(handoff: Handoff, phases: Sequence[Phase]) -> None:
+    """A freeze at a fade's end must not leave a phase with nothing to train."""
+    for step in sorted({p.step for p in phases} | {f.end_step for f in handoff.fades}):
+        phase = phases[phase_index_at(phases, step)]
+        if not set(phase.trainable) - handoff.frozen_kinds_at(step):
+            raise ValueError(f"from step {step} nothing trains: phase {list(phase.trainable)} minus the adapters "
+                             "frozen by end_action: freeze; add a group to that phase or use end_action: keep")
 
 
 def _handoff_warnings(handoff: Handoff, total_steps: Optional[int]) -> list[str]:

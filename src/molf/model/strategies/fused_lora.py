@@ -47,9 +47,11 @@ class ExpertsLoRADelta(nn.Module):
             nn.init.kaiming_uniform_(a, a=math.sqrt(5))
 
     def lora_parameters(self) -> list[nn.Parameter]:
+        """``[lora_A (E, r, in), lora_B (E, rows, r)]``."""
         return [self.lora_A, self.lora_B]
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        """``weight`` (E, out, in) -> the adapted weight, same shape and dtype."""
         delta = torch.bmm(self.lora_B, self.lora_A) * (self.lora_scale * self.scaling)  # (E, rows, in)
         delta = F.pad(delta, (0, 0, self.rows[0], self.out_total - self.rows[1]))  # (E, out, in)
         return weight + delta.to(weight.dtype)

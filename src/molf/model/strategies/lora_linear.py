@@ -70,9 +70,11 @@ class LoRALinear(nn.Module):
         return self.lora_scale * self.scaling
 
     def lora_parameters(self) -> list[nn.Parameter]:
+        """``[lora_A, lora_B]``."""
         return [self.lora_A, self.lora_B]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``x``: ``(..., in)`` -> ``(..., out)``."""
         y = self.base(x)  # (..., out)
         if self.lora_scale == 0.0:
             return y

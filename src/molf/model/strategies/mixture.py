@@ -54,6 +54,7 @@ class MixtureLoRALinear(nn.Module):
         self.lora_dropout = nn.Dropout(lora_dropout) if lora_dropout > 0 else nn.Identity()
 
     def lora_parameters(self) -> list[nn.Parameter]:
+        """``[lora_A (E, r, in), lora_B (E, out, r)]``."""
         return [self.lora_A, self.lora_B]
 
     def expert_delta(self, e: int, x: torch.Tensor) -> torch.Tensor:
@@ -61,6 +62,7 @@ class MixtureLoRALinear(nn.Module):
         return F.linear(F.linear(x, self.lora_A[e]), self.lora_B[e]) * self.scaling
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``x``: ``(..., in)`` -> ``(..., out)``."""
         y = self.base(x)  # (..., out)
         tokens = x.reshape(-1, x.shape[-1])  # (T, in)
         routing = self.router(tokens)

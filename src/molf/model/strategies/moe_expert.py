@@ -51,6 +51,7 @@ class MoEExpertFFN(nn.Module):
         return self.experts[e](x)
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """``hidden_states``: ``(..., H)`` -> ``(..., H)``."""
         tokens = hidden_states.reshape(-1, hidden_states.shape[-1])  # (T, H)
         routing = self.router(tokens)
         out = dispatch(tokens, routing, self.num_experts, self._run_expert)  # (T, H)

@@ -55,6 +55,7 @@ class TopKRouter(nn.Module):
         self.last_losses: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def forward(self, x: torch.Tensor) -> Routing:
+        """Route tokens ``x`` (T, in); keeps the losses in ``last_losses`` when training with gradients."""
         logits = F.linear(x.float(), self.weight.float())  # (T, E) fp32
         probs = logits.softmax(dim=-1)  # (T, E)
         top_p, top_i = probs.topk(self.top_k, dim=-1)  # (T, k)

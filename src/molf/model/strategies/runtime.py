@@ -130,6 +130,7 @@ class StrategyRuntime:
         return [text for s, text in self._events if s == step]
 
     def trainable_parameters(self) -> list[nn.Parameter]:
+        """Parameters of the groups training now (the optimizer's parameters)."""
         return [p for kind in TRAINABLE_KINDS if kind in self.active for p in self.groups[kind]]
 
     def param_groups(self) -> dict[str, list[nn.Parameter]]:

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from torch import nn
 
-from molf.model.strategies.lora_linear import LoRALinear
 from molf.model.strategies.dense import inject_attn_lora, inject_dense_lora, scoped_blocks
+from molf.model.strategies.lora_linear import LoRALinear
 from molf.model.strategies.mixture import inject_mixture_lora
 from molf.model.strategies.moe_expert import inject_moe_expert_lora
 from molf.model.strategies.runtime import merge_dense, unwrap_faded
