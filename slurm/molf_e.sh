@@ -64,4 +64,5 @@ fi
 # A port picked at random per job, so array jobs sharing a node do not collide.
 PORT="$(python -c 'import socket; s = socket.socket(); s.bind(("", 0)); print(s.getsockname()[1]); s.close()')"
 # train.py writes into its own run directory under CKPT_ROOT and appends to RESULTS_DIR/<task>.csv.
+echo "torchrun --nnodes 1 --nproc_per_node $NUM_GPUS --master_port $PORT src/script/train.py ${ARGS[*]}"
 torchrun --nnodes 1 --nproc_per_node "$NUM_GPUS" --master_port "$PORT" src/script/train.py "${ARGS[@]}"

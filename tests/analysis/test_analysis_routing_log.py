@@ -117,3 +117,33 @@ def test_multi_thousand_step_log(tmp_path, write_routing_log):
     assert len(frame) == 3000 * 196 * 2
     late_mlp = frame[(frame.step >= 1500) & (frame.module_type == "gate") & frame.winner]
     assert (late_mlp.expert == "lora0_r128").all() and len(late_mlp) == 1500 * 28
+
+
+def test_round_trip_with_the_trainer_writer(tmp_path):
+    from types import SimpleNamespace
+
+    import torch
+
+    from molf.train.routing_log import RoutingLogWriter
+
+    modules = ["model.layers.0.self_attn.q_proj", "model.layers.1.mlp.up_proj"]
+    experts = ["fft", "lora0_r128"]
+    writer = RoutingLogWriter(tmp_path / "molf_routing.jsonl", ranks=[None, 128], score_fn="true_projected",
+                              topk=1, every=1)
+    written = []
+    for step in range(6):
+        scores = torch.rand(2, 2, generator=torch.Generator().manual_seed(step))  # (M, E)
+        scores[1, 1] = float("-inf") if step == 3 else scores[1, 1]
+        winners = torch.zeros(2, 2, dtype=torch.bool)
+        winners[torch.arange(2), scores.argmax(dim=1)] = True
+        writer.write(SimpleNamespace(scores=scores, winners=winners, module_names=modules, expert_names=experts), step)
+        written.append((scores.double().numpy(), winners.numpy()))
+    writer.close()
+
+    log = read_routing_log(tmp_path)
+    assert log.modules == modules and log.experts == experts and log.ranks == [None, 128]
+    np.testing.assert_array_equal(log.steps, np.arange(6))
+    expected_scores = np.stack([s for s, _ in written])
+    expected_scores[~np.isfinite(expected_scores)] = np.nan
+    np.testing.assert_allclose(log.scores, expected_scores, rtol=1e-6)
+    np.testing.assert_array_equal(log.winners, np.stack([w for _, w in written]))

@@ -11,6 +11,7 @@ from typing import Union
 
 import numpy as np
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 from molf.analysis.routing_log import RoutingLog
 from molf.analysis.routing_stats import (
@@ -51,6 +52,7 @@ def plot_share_by_type(log: RoutingLog, path: Path) -> Path:
     if window > 1:
         title += f"\n(rolling mean over {window} logged steps)"
     ax.set(title=title, xlabel="optimizer step", ylabel=f"{_short(label)} share", ylim=(-0.02, 1.02))
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.grid(alpha=0.3)
     ax.legend(title="module type", loc="center left", bbox_to_anchor=(1.01, 0.5))
     fig.tight_layout()
@@ -90,11 +92,15 @@ def plot_switch_rate(log: RoutingLog, path: Path) -> Path:
     rates = switch_rate_per_module(log)
     types = type_order(log)
     layers = np.unique(log.layers)
-    grid = np.full((len(layers), len(types)), np.nan)
-    for rate, layer, mtype in zip(rates, log.layers, log.module_types):
-        # Several modules of one type in a layer (rare) share a cell: show their mean.
-        row, col = np.searchsorted(layers, layer), types.index(mtype)
-        grid[row, col] = rate if np.isnan(grid[row, col]) else (grid[row, col] + rate) / 2
+    total = np.zeros((len(layers), len(types)))
+    count = np.zeros((len(layers), len(types)))
+    rows = np.searchsorted(layers, log.layers)
+    cols = np.array([types.index(t) for t in log.module_types])
+    # Several modules of one type in a layer (rare) share a cell: it shows their mean.
+    np.add.at(total, (rows, cols), rates)
+    np.add.at(count, (rows, cols), 1)
+    with np.errstate(invalid="ignore"):
+        grid = np.where(count > 0, total / count, np.nan)
     fig = Figure(figsize=(max(5.0, 0.9 * len(types) + 3), max(3.0, 0.22 * len(layers) + 1.8)))
     ax = fig.add_subplot()
     image = ax.imshow(grid, aspect="auto", origin="lower", cmap="magma", interpolation="nearest",
@@ -152,6 +158,7 @@ def plot_expert_share(log: RoutingLog, path: Path) -> Path:
     if window > 1:
         title += f"\n(rolling mean over {window} logged steps)"
     ax.set(title=title, xlabel="optimizer step", ylabel="share of modules", ylim=(-0.02, 1.02))
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.grid(alpha=0.3)
     ax.legend(title="expert", loc="center left", bbox_to_anchor=(1.01, 0.5))
     fig.tight_layout()
