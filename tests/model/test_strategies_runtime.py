@@ -229,3 +229,20 @@ def test_validate_strategy_with_total_steps():
     assert any("router" in w for w in validate_strategy(no_router, "mixture_lora"))
     assert any("has no router" in w for w in validate_strategy(
         StrategyLoRAConfig(phases=[{"step": 0, "trainable": ["router", "lora"]}]), "dense_lora"))
+
+
+@pytest.mark.parametrize("family, mode", [("qwen2", "moe_expert_lora"), ("llama", "mixture_lora")])
+def test_save_pretrained_then_load_strategy_model(tmp_path, family, mode):
+    from molf.model.strategies import load_strategy_model
+
+    cfg = StrategyLoRAConfig(num_experts=2, expert_top_k=1, lora_rank=2, lora_dropout=0.0, attn_lora=True)
+    model = small_model(family)  # qwen2 ties lm_head to the embeddings: save_pretrained drops one copy
+    runtime = apply_strategy(model, cfg, mode)
+    train(model, runtime, range(2))
+    model.eval()
+    expected = model(IDS).logits
+    runtime.export(model).save_pretrained(tmp_path)
+    loaded = load_strategy_model(tmp_path, cfg, mode)
+    torch.testing.assert_close(loaded(IDS).logits, expected)
+    with pytest.raises(ValueError, match="does not match"):
+        load_strategy_model(tmp_path, StrategyLoRAConfig(num_experts=3, expert_top_k=1, lora_rank=2), mode)

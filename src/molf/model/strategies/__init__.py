@@ -16,15 +16,15 @@ from molf.model.strategies.lora_linear import LoRALinear
 from molf.model.strategies.mixture import MixtureLoRALinear
 from molf.model.strategies.moe_expert import MoEExpertFFN
 from molf.model.strategies.runtime import StrategyRuntime
-from molf.model.strategies.structure import (STRATEGY_MODES, check_mode, inject_strategy, merge_strategy,
-                                             rebuild_strategy_structure)
+from molf.model.strategies.structure import (STRATEGY_MODES, check_mode, inject_strategy, load_strategy_model,
+                                             merge_strategy, rebuild_strategy_structure)
 from molf.train.handoff import handoff_rules, parse_handoff
 from molf.train.phases import ROUTED_MODES, parse_phases, phase_warnings
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["STRATEGY_MODES", "LoRALinear", "MixtureLoRALinear", "MoEExpertFFN", "StrategyConfig",
-           "StrategyLoRAConfig", "StrategyRuntime", "apply_strategy", "merge_strategy",
+           "StrategyLoRAConfig", "StrategyRuntime", "apply_strategy", "load_strategy_model", "merge_strategy",
            "rebuild_strategy_structure", "validate_strategy"]
 
 

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
+import torch
 from torch import nn
 
 from molf.model.strategies.dense import inject_attn_lora, inject_dense_lora, scoped_blocks
@@ -78,3 +82,60 @@ def merge_strategy(model: nn.Module) -> nn.Module:
     """
     merge_dense(model)
     return model
+
+
+def load_strategy_model(checkpoint_dir: str | Path, cfg, mode: str, exported: bool = True,
+                        dtype: torch.dtype = torch.float32) -> nn.Module:
+    """Load a strategy checkpoint written by ``save_pretrained`` for evaluation.
+
+    Builds the base architecture from the checkpoint's ``config.json``, re-creates the strategy structure
+    (``rebuild_strategy_structure``) and loads ``model.safetensors`` (or a sharded index) strictly, apart
+    from weights the model ties (e.g. ``lm_head`` tied to the embeddings), which are re-tied.
+
+    Args:
+        checkpoint_dir: directory holding ``config.json`` and the weights.
+        cfg: the run's config (strategy and LoRA fields).
+        mode: the strategy mode.
+        exported: see ``rebuild_strategy_structure``.
+        dtype: dtype of the built model.
+
+    Returns:
+        The model in eval mode.
+
+    Raises:
+        FileNotFoundError: no weights in ``checkpoint_dir``.
+        ValueError: the weights do not match the rebuilt structure (wrong config or mode).
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    folder = Path(checkpoint_dir)
+    model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(folder), dtype=dtype)
+    rebuild_strategy_structure(model, cfg, mode, exported)
+    mismatch = (f"{folder} does not match the {mode} structure of this config; load it with the run's "
+                "resolved_config.yaml (and exported=False for mid-run checkpoints)")
+    try:
+        result = model.load_state_dict(_read_weights(folder), strict=False)
+    except RuntimeError as err:  # shape mismatches, e.g. another num_experts
+        raise ValueError(f"{mismatch}: {str(err).splitlines()[1].strip()}") from err
+    tied = set(model.state_dict()) - set(dict(model.named_parameters())) - set(dict(model.named_buffers()))
+    missing = set(result.missing_keys) - tied
+    if missing or result.unexpected_keys:
+        raise ValueError(f"{mismatch}: missing {sorted(missing)[:3]}, unexpected {sorted(result.unexpected_keys)[:3]}")
+    model.tie_weights()
+    return model.eval()
+
+
+def _read_weights(folder: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    single = folder / "model.safetensors"
+    if single.is_file():
+        return load_file(single)
+    index = folder / "model.safetensors.index.json"
+    if not index.is_file():
+        raise FileNotFoundError(f"no model.safetensors (or sharded index) in {folder}")
+    shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    state: dict[str, torch.Tensor] = {}
+    for shard in shards:
+        state.update(load_file(folder / shard))
+    return state
