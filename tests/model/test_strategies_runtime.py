@@ -246,3 +246,11 @@ def test_save_pretrained_then_load_strategy_model(tmp_path, family, mode):
     torch.testing.assert_close(loaded(IDS).logits, expected)
     with pytest.raises(ValueError, match="does not match"):
         load_strategy_model(tmp_path, StrategyLoRAConfig(num_experts=3, expert_top_k=1, lora_rank=2), mode)
+
+
+def test_ignored_knobs_warn():
+    dense = StrategyLoRAConfig(num_experts=8, expert_top_k=1, attn_targets=["q_proj"])
+    assert validate_strategy(dense, "dense_lora") == [
+        "num_experts is ignored in dense_lora", "expert_top_k is ignored in dense_lora",
+        "attn_targets is ignored in dense_lora without attn_lora: true"]
+    assert validate_strategy(StrategyLoRAConfig(num_experts=8, expert_top_k=1), "mixture_lora") == []

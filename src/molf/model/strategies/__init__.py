@@ -46,10 +46,23 @@ def validate_strategy(cfg: StrategyConfig, mode: str, total_steps: Optional[int]
     if mode in ROUTED_MODES and cfg.expert_top_k > cfg.num_experts:
         raise ValueError(f"expert_top_k={cfg.expert_top_k} > num_experts={cfg.num_experts}: lower expert_top_k")
     phases = parse_phases(cfg.phases, mode, cfg.attn_lora)
-    warnings = phase_warnings(phases, mode, total_steps)
+    warnings = phase_warnings(phases, mode, total_steps) + _ignored_knobs(cfg, mode)
     if cfg.handoff is not None:
         warnings += handoff_rules(parse_handoff(cfg.handoff), mode, phases, cfg.attn_lora, total_steps)
     return warnings
+
+
+ROUTER_KNOBS = ("num_experts", "expert_top_k", "router_z_loss_coef", "router_aux_loss_coef")
+
+
+def _ignored_knobs(cfg, mode: str) -> list[str]:
+    """Warnings for strategy knobs set away from their default in a mode that ignores them."""
+    defaults = StrategyConfig()
+    ignored = list(ROUTER_KNOBS) if mode not in ROUTED_MODES else []
+    ignored += [] if cfg.attn_lora else ["attn_targets"]
+    changed = [name for name in ignored if getattr(cfg, name) != getattr(defaults, name)]
+    return [f"{name} is ignored in {mode}" + ("" if name in ROUTER_KNOBS else " without attn_lora: true")
+            for name in changed]
 
 
 def apply_strategy(model: nn.Module, cfg, mode: str) -> StrategyRuntime:
