@@ -83,15 +83,20 @@ def test_job_mode_runs_torchrun_with_the_index_config(tmp_path):
     assert train[train.index("--results_dir") + 1] == str(tmp_path / "results")
 
 
-def test_job_mode_skips_a_finished_run(tmp_path):
+def test_job_mode_skips_a_finished_run_from_a_spool_copy(tmp_path):
     bin_dir = _fake_bin(tmp_path, "torchrun")
     job = grid_jobs("lora")[2]
     paths = RunPaths(str(tmp_path / "ckpts"), str(tmp_path / "logs"), str(tmp_path / "results"))
     (tmp_path / "results").mkdir()
     with (tmp_path / "results" / f"{job.task}.csv").open("w", newline="") as handle:
         csv.writer(handle).writerows([["run_name"], [job_config(job, paths).run_name]])
-    env = _env(tmp_path, bin_dir, SLURM_ARRAY_TASK_ID="2")
-    result = subprocess.run(["bash", str(SLURM / "lora.sh")], env=env, capture_output=True, text=True, cwd=tmp_path)
+    # As after a plain `sbatch --array`: SLURM runs a copy from its spool directory, REPO_DIR unset.
+    spool_copy = tmp_path / "spool" / "slurm_script"
+    spool_copy.parent.mkdir()
+    spool_copy.write_text((SLURM / "lora.sh").read_text())
+    env = _env(tmp_path, bin_dir, SLURM_ARRAY_TASK_ID="2", SLURM_SUBMIT_DIR=str(REPO_ROOT))
+    del env["REPO_DIR"]
+    result = subprocess.run(["bash", str(spool_copy)], env=env, capture_output=True, text=True, cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert "already exists" in result.stdout
     assert not (tmp_path / "torchrun.args").exists()
