@@ -1,7 +1,17 @@
-"""molf.data: benchmark loaders (sql, med, fact), shared tokenization and the SFT collator."""
+"""molf.data: benchmark loaders (sql, med, fact), shared tokenization and the SFT collator.
 
-from molf.data.builder import build_train_dataset, load_examples
-from molf.data.config import DataConfig
-from molf.data.encoding import SFTCollator, encode_example, encode_prompt
+Exports load lazily: ``import molf.data.config`` (done by every config parse) stays cheap.
+"""
 
-__all__ = ["DataConfig", "SFTCollator", "build_train_dataset", "encode_example", "encode_prompt", "load_examples"]
+from molf._lazy import lazy_exports
+
+_EXPORTS = {
+    "DataConfig": "molf.data.config",
+    "SFTCollator": "molf.data.encoding",
+    "encode_example": "molf.data.encoding",
+    "encode_prompt": "molf.data.encoding",
+    "build_train_dataset": "molf.data.builder",
+    "load_examples": "molf.data.builder",
+}
+__getattr__ = lazy_exports(__name__, _EXPORTS)
+__all__ = sorted(_EXPORTS)

@@ -1,8 +1,19 @@
-"""molf.eval: the sql, med and fact evaluators and the locked results-CSV appender."""
+"""molf.eval: the sql, med and fact evaluators and the locked results-CSV appender.
 
-from molf.eval.config import EvalConfig
-from molf.eval.results import RUN_COLUMNS, TASK_METRICS, append_row
-from molf.eval.runner import evaluate_fact, evaluate_medmcqa, evaluate_sql, evaluate_task
+Exports load lazily: ``import molf.eval.config`` (done by every config parse) stays cheap.
+"""
 
-__all__ = ["EvalConfig", "RUN_COLUMNS", "TASK_METRICS", "append_row", "evaluate_fact", "evaluate_medmcqa",
-           "evaluate_sql", "evaluate_task"]
+from molf._lazy import lazy_exports
+
+_EXPORTS = {
+    "EvalConfig": "molf.eval.config",
+    "RUN_COLUMNS": "molf.eval.results",
+    "TASK_METRICS": "molf.eval.results",
+    "append_row": "molf.eval.results",
+    "evaluate_fact": "molf.eval.runner",
+    "evaluate_medmcqa": "molf.eval.runner",
+    "evaluate_sql": "molf.eval.runner",
+    "evaluate_task": "molf.eval.runner",
+}
+__getattr__ = lazy_exports(__name__, _EXPORTS)
+__all__ = sorted(_EXPORTS)
