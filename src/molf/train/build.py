@@ -87,6 +87,8 @@ def training_arguments(cfg: Any) -> TrainingArguments:
         data_seed=cfg.seed,
         dataloader_num_workers=cfg.dataloader_num_workers,
         dataloader_pin_memory=torch.cuda.is_available(),
+        # Without CUDA, accelerate only sets up multi-process CPU training (gloo) when told it is on CPU.
+        use_cpu=not torch.cuda.is_available(),
         remove_unused_columns=False,
         # Routers with top-k selection leave some parameters without gradients in a step.
         ddp_find_unused_parameters=cfg.mode in STRATEGY_MODES,
