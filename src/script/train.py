@@ -6,21 +6,28 @@
 
 from __future__ import annotations
 
+import os
 import sys
-from pathlib import Path
 from typing import Optional, Sequence
 
 from molf.config import TrainingConfig, parse_config
 
+IS_MAIN_RANK = int(os.environ.get("RANK", "0")) == 0
 
-def evaluate(cfg: TrainingConfig, model, tokenizer) -> Optional[dict]:
-    """Run the task's evaluator (rank 0) and append its row to the results CSV."""
+
+def say(*args) -> None:
+    if IS_MAIN_RANK:
+        print(*args, flush=True)
+
+
+def evaluate(cfg: TrainingConfig, model, tokenizer) -> None:
+    """Run the task's evaluator and append its row to ``<results_dir>/<task>.csv``."""
     if not cfg.do_eval:
-        return None
+        return
     from molf.eval import evaluate_task
 
-    model.eval()
-    return evaluate_task(cfg.dataset_type, model, tokenizer, cfg, cfg.to_run_info())
+    metrics = evaluate_task(cfg.dataset_type, model.eval(), tokenizer, cfg, cfg.to_run_info())
+    say(f"{cfg.dataset_type} metrics: {metrics} (row appended to {cfg.results_dir}/{cfg.dataset_type}.csv)")
 
 
 def only_eval(cfg: TrainingConfig) -> None:
@@ -29,7 +36,7 @@ def only_eval(cfg: TrainingConfig) -> None:
     final = cfg.run_dir / "final"
     if not final.is_dir():
         raise FileNotFoundError(f"--only_eval needs a trained model at {final}; train this config first")
-    print(evaluate(cfg, AutoModelForCausalLM.from_pretrained(final), AutoTokenizer.from_pretrained(final)))
+    evaluate(cfg, AutoModelForCausalLM.from_pretrained(final), AutoTokenizer.from_pretrained(final))
 
 
 def train(cfg: TrainingConfig) -> None:
@@ -37,38 +44,38 @@ def train(cfg: TrainingConfig) -> None:
 
     from molf.data import SFTCollator, build_train_dataset
     from molf.model.load import load_model, load_tokenizer
-    from molf.train.build import apply_mode, build_trainer, model_dtype, resolve_resume
+    from molf.train import build
     from molf.train.export import clean_checkpoints, save_final
     from molf.train.param_count import count_parameters, format_counts
 
     set_seed(cfg.seed)
     tokenizer = load_tokenizer(cfg.model_name_or_path, cfg.tokenizer_name_or_path)
-    model = load_model(cfg.model_name_or_path, model_dtype(cfg.precision), cfg.attn_implementation, cfg.seed)
+    model = load_model(cfg.model_name_or_path, build.model_dtype(cfg.precision), cfg.attn_implementation, cfg.seed)
     before = count_parameters(model)
-    model = apply_mode(model, cfg)
-    print(format_counts(count_parameters(model), before))
+    runtime = build.attach_strategy(model, cfg)
+    model = build.apply_mode(model, cfg)
+    say(format_counts(count_parameters(model), before))
     if cfg.preflight:
         return
-    trainer = build_trainer(cfg, model, tokenizer, build_train_dataset(cfg, tokenizer, cfg.seed), SFTCollator(tokenizer))
+    dataset = build_train_dataset(cfg, tokenizer, cfg.seed)
+    trainer = build.build_trainer(cfg, model, tokenizer, dataset, SFTCollator(tokenizer), strategy_runtime=runtime)
     if trainer.is_world_process_zero():
         cfg.run_dir.mkdir(parents=True, exist_ok=True)
         with open(cfg.run_dir / "resolved_config.yaml", "w") as handle:
             cfg.dump_yaml(handle)
-    trainer.train(resume_from_checkpoint=resolve_resume(cfg))
+    checkpoint = build.resolve_resume(cfg)
+    build.align_strategy_with_checkpoint(runtime, trainer.model, checkpoint)
+    trainer.train(resume_from_checkpoint=checkpoint)
     if not trainer.is_world_process_zero():
         return
-    final = save_final(trainer.model, tokenizer, cfg)
+    final, merged = save_final(trainer.model, tokenizer, cfg, runtime)
     if cfg.clean_ckpt_at_end:
         clean_checkpoints(cfg.run_dir)
-    print(f"merged checkpoint: {final}")
-    for name in ("molf_routing.jsonl", "metrics.jsonl"):
+    say(f"merged checkpoint: {final}")
+    for label, name in (("routing log", "molf_routing.jsonl"), ("metrics", "metrics.jsonl")):
         if (cfg.run_dir / name).exists():
-            print(f"{name.split('.')[0].replace('_', ' ')}: {cfg.run_dir / name}")
-    from transformers import AutoModelForCausalLM
-
-    metrics = evaluate(cfg, AutoModelForCausalLM.from_pretrained(final), tokenizer)
-    if metrics is not None:
-        print(f"{cfg.dataset_type} metrics: {metrics} (row appended to {Path(cfg.results_dir) / cfg.dataset_type}.csv)")
+            say(f"{label}: {cfg.run_dir / name}")
+    evaluate(cfg, merged, tokenizer)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -77,9 +84,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    print(f"run directory: {cfg.run_dir}")
+    say(f"run directory: {cfg.run_dir}")
     if cfg.validate_only:
-        print("config is valid")
+        say("config is valid")
     elif cfg.only_eval:
         only_eval(cfg)
     else:

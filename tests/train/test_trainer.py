@@ -143,7 +143,7 @@ def test_final_checkpoint_is_vanilla_with_the_same_logits(mode, tmp_path, tokeni
     inputs = torch.randint(0, 128, (2, 10), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         expected = model(input_ids=inputs).logits
-    final = save_final(model, tokenizer, cfg)
+    final, _ = save_final(model, tokenizer, cfg)
     reloaded = AutoModelForCausalLM.from_pretrained(final).eval()
     assert {n for n, _ in reloaded.named_parameters()} == {n for n, _ in small_model().named_parameters()}
     with torch.no_grad():

@@ -52,6 +52,39 @@ def apply_mode(model: torch.nn.Module, cfg: Any) -> torch.nn.Module:
     return model
 
 
+def attach_strategy(model: torch.nn.Module, cfg: Any) -> Optional[Any]:
+    """Inject a strategy mode's modules (seeded like ``apply_mode``) and return its ``StrategyRuntime``.
+
+    Returns:
+        None outside the strategy modes.
+
+    Raises:
+        ValueError: a strategy whose trainable set changes during training under DDP (DDP only
+            synchronizes the parameters that were trainable when it wrapped the model).
+    """
+    if cfg.mode not in STRATEGY_MODES:
+        return None
+    from molf.model.strategies import apply_strategy
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed)
+        runtime = apply_strategy(model, cfg, cfg.mode)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and (len(runtime.phases) > 1 or runtime.handoff is not None):
+        raise ValueError(f"{cfg.mode} with phases or a handoff changes the trainable set mid-run, which DDP "
+                         "does not follow; run it in one process or with a single phase")
+    return runtime
+
+
+def align_strategy_with_checkpoint(runtime: Optional[Any], model: torch.nn.Module, checkpoint: Optional[str]) -> None:
+    """Put the strategy in the phase of a checkpoint's step before the optimizer state is loaded."""
+    if runtime is None or checkpoint is None:
+        return
+    from transformers import TrainerState
+
+    step = TrainerState.load_from_json(str(Path(checkpoint) / "trainer_state.json")).global_step
+    runtime.on_step_begin(model, step)
+
+
 def training_arguments(cfg: Any) -> TrainingArguments:
     """The Trainer's arguments from the run's config (seed and data order included)."""
     precision = resolve_precision(cfg.precision)

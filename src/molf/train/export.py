@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 from torch import nn
 
@@ -20,13 +20,24 @@ def _is_vanilla(model: nn.Module) -> bool:
     return not any(isinstance(m, (MoLFLinear, BaseTunerLayer)) for m in model.modules())
 
 
-def merged_model(model: nn.Module, cfg: Any, run_dir: Path) -> nn.Module:
+def merged_model(model: nn.Module, cfg: Any, run_dir: Path, strategy_runtime: Optional[Any] = None) -> nn.Module:
     """The trained model as a vanilla transformers model (adapters saved on the way where the mode has them).
+
+    ``mixture_lora`` and ``moe_expert_lora`` keep their routed modules (unless a handoff merged them
+    away): their checkpoint reloads with ``molf.model.strategies.rebuild_strategy_structure``.
 
     Raises:
         RuntimeError: if a wrapper survives the merge (a wrapped model is never saved as final).
     """
-    if cfg.mode == "lora":
+    if strategy_runtime is not None:
+        if cfg.mode == "dense_lora":
+            from molf.model.peft_export import save_peft_adapter
+
+            save_peft_adapter(model, run_dir / ADAPTER_DIR, base_model_name_or_path=cfg.model_name_or_path)
+        model = strategy_runtime.export(model)
+        if cfg.mode != "dense_lora":
+            return model
+    elif cfg.mode == "lora":
         from molf.model.lora_peft import save_adapter_and_merge
 
         model = save_adapter_and_merge(model, run_dir / ADAPTER_DIR)
@@ -49,19 +60,20 @@ def _save_molf_e_adapter(model: nn.Module, cfg: Any, adapter_dir: Path) -> None:
     save_peft_adapter(model, adapter_dir, base_model_name_or_path=cfg.model_name_or_path)
 
 
-def save_final(model: nn.Module, tokenizer: Any, cfg: Any) -> Path:
+def save_final(model: nn.Module, tokenizer: Any, cfg: Any,
+               strategy_runtime: Optional[Any] = None) -> tuple[Path, nn.Module]:
     """Merge, unwrap and save ``<run_dir>/final`` (``save_pretrained`` + tokenizer).
 
     Returns:
-        The directory of the vanilla checkpoint.
+        The directory of the checkpoint and the merged model (ready to evaluate).
     """
     run_dir = Path(cfg.run_dir)
-    model = merged_model(model, cfg, run_dir)
+    model = merged_model(model, cfg, run_dir, strategy_runtime)
     model.config.use_cache = True
     final = run_dir / FINAL_DIR
     model.save_pretrained(str(final))
     tokenizer.save_pretrained(str(final))
-    return final
+    return final, model
 
 
 def clean_checkpoints(run_dir: Path) -> list[Path]:

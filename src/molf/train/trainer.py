@@ -8,14 +8,17 @@ accumulation, clipping, scheduling and checkpointing stay the Trainer's.
 
 from __future__ import annotations
 
+import logging
 from typing import Any, Optional
 
 import torch
-from transformers import Trainer
+from transformers import Trainer, TrainerCallback
 
 from molf.train.callbacks import unwrap_optimizer
 from molf.train.optimizers import build_optimizer
 from molf.train.throughput import ThroughputMeter
+
+logger = logging.getLogger(__name__)
 
 
 class MoLFTrainer(Trainer):
@@ -33,10 +36,13 @@ class MoLFTrainer(Trainer):
         self.strategy_runtime = strategy_runtime
         self.throughput = ThroughputMeter()
         self._strategy_items: dict[str, float] = {}
+        if strategy_runtime is not None:
+            self.add_callback(StrategyCallback(self))
 
     def create_optimizer(self, model: Optional[torch.nn.Module] = None) -> torch.optim.Optimizer:
         if self.optimizer is None:
-            self.optimizer = build_optimizer(self.model if model is None else model, self.run_cfg)
+            self.optimizer = build_optimizer(self.model if model is None else model, self.run_cfg,
+                                             self.strategy_runtime)
         return self.optimizer
 
     def rebuild_optimizer(self) -> torch.optim.Optimizer:
@@ -52,6 +58,12 @@ class MoLFTrainer(Trainer):
         if self.lr_scheduler is not None:
             _repoint_scheduler(self.lr_scheduler, raw)
         return self.optimizer
+
+    def apply_lr_multipliers(self, multipliers: dict[str, float]) -> None:
+        """Scale the scheduled lr of each param group by ``multipliers[group kind]`` (default 1)."""
+        scheduled = self.lr_scheduler.get_last_lr()
+        for group, lr in zip(self.torch_optimizer.param_groups, scheduled):
+            group["lr"] = lr * multipliers.get(group.get("kind"), 1.0)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if not self.throughput._since:
@@ -86,6 +98,28 @@ class MoLFTrainer(Trainer):
     def torch_optimizer(self) -> Optional[torch.optim.Optimizer]:
         """The optimizer under accelerate's wrapper (None before training starts)."""
         return None if self.optimizer is None else unwrap_optimizer(self.optimizer)
+
+
+class StrategyCallback(TrainerCallback):
+    """Drives a ``StrategyRuntime`` at the start of every optimizer step: phase boundaries and handoff
+    scales (rebuilding the optimizer when the trainable set changes), then the per-kind lr multipliers."""
+
+    def __init__(self, trainer: MoLFTrainer) -> None:
+        self.trainer = trainer
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        from molf.model.strategies import validate_strategy
+
+        # The step-range rules of phases and handoff need the real number of optimizer steps.
+        for message in validate_strategy(self.trainer.run_cfg, self.trainer.run_cfg.mode, state.max_steps):
+            logger.warning(message)
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        trainer = self.trainer
+        runtime = trainer.strategy_runtime
+        if runtime.on_step_begin(trainer.model, state.global_step):
+            trainer.rebuild_optimizer()
+        trainer.apply_lr_multipliers(runtime.lr_multipliers(state.global_step))
 
 
 def _repoint_scheduler(scheduler: Any, optimizer: torch.optim.Optimizer) -> None:

@@ -1,0 +1,36 @@
+"""Parameter counts of a model under a mode: base weight, base bias, LoRA experts, other; total and trainable.
+
+    python src/script/count_params.py --model_name_or_path tiny-qwen2 --mode molf --molf_lora_ranks "[128]"
+
+Takes the training flags (or ``--config_path``); loads the model, applies the mode and prints the
+table and what the mode adds. Nothing is trained or written.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Optional, Sequence
+
+from molf.config import parse_config
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    from molf.model.load import load_model
+    from molf.train.build import apply_mode, model_dtype
+    from molf.train.param_count import count_parameters, format_counts
+
+    try:
+        cfg = parse_config(argv)
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    model = load_model(cfg.model_name_or_path, model_dtype(cfg.precision), cfg.attn_implementation, cfg.seed)
+    before = count_parameters(model)
+    model = apply_mode(model, cfg)
+    print(f"{cfg.model_name_or_path}, mode {cfg.mode}")
+    print(format_counts(count_parameters(model), before))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

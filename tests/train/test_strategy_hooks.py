@@ -1,0 +1,111 @@
+"""The trainer drives a StrategyRuntime per the DEVELOPING.md contract (checked with a scripted fake)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import small_model
+from transformers import TrainerCallback
+from trainrun_helpers import make_cfg, token_dataset
+
+from molf.data import SFTCollator
+from molf.train.build import build_trainer
+
+pytestmark = pytest.mark.integration
+
+
+class ScriptedRuntime:
+    """MLPs train from the start ("lora" kind); attention joins at step 3 ("base_ffn" kind, half lr)."""
+
+    phases, handoff = [0], None
+
+    def __init__(self, model, extra: float):
+        params = dict(model.named_parameters())
+        self.groups = {"lora": [p for n, p in params.items() if ".mlp." in n],
+                       "base_ffn": [p for n, p in params.items() if ".self_attn." in n]}
+        self.extra, self.active = extra, {"lora"}
+        self._set(model)
+
+    def _set(self, model):
+        for p in model.parameters():
+            p.requires_grad_(False)
+        for kind in self.active:
+            for p in self.groups[kind]:
+                p.requires_grad_(True)
+
+    def on_step_begin(self, model, step):
+        if step == 3 and "base_ffn" not in self.active:
+            self.active = {"lora", "base_ffn"}
+            self._set(model)
+            return True
+        return False
+
+    def param_groups(self):
+        return {kind: self.groups[kind] for kind in ("lora", "base_ffn") if kind in self.active}
+
+    def extra_loss(self, model):
+        return torch.tensor(self.extra), {"scripted_extra": self.extra}
+
+    def lr_multipliers(self, step):
+        return {"base_ffn": 0.5}
+
+    def log_items(self, step):
+        return {"scripted_step": float(step)}
+
+    def export(self, model):
+        return model
+
+
+def run(tmp_path, tokenizer, extra):
+    cfg = make_cfg(tmp_path, "dense_lora", max_steps=6, logging_steps=1, lr_scheduler_type="linear",
+                   learning_rate=1e-3, lora_learning_rate=2e-3)
+    model = small_model()
+    runtime = ScriptedRuntime(model, extra)
+    snapshots = {}
+    trainer = build_trainer(cfg, model, tokenizer, token_dataset(), SFTCollator(tokenizer), strategy_runtime=runtime)
+    original_rebuild = trainer.rebuild_optimizer
+
+    def rebuild():
+        snapshots["attn"] = {n: p.detach().clone() for n, p in model.named_parameters() if ".self_attn." in n}
+        return original_rebuild()
+
+    trainer.rebuild_optimizer = rebuild
+    trainer.add_callback(RecordLrs(trainer, snapshots.setdefault("lrs", [])))  # runs after the strategy hook
+    trainer.train()
+    return trainer, snapshots
+
+
+class RecordLrs(TrainerCallback):
+    def __init__(self, trainer, into):
+        self.trainer, self.into = trainer, into
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        scheduled = self.trainer.lr_scheduler.get_last_lr()
+        self.into.append([(g["kind"], g["lr"], lr) for g, lr in zip(self.trainer.torch_optimizer.param_groups,
+                                                                      scheduled)])
+
+
+def test_phase_change_rebuilds_with_kinds_multipliers_and_logs(tmp_path, tokenizer):
+    trainer, snapshots = run(tmp_path / "a", tokenizer, extra=0.0)
+    assert {g["kind"] for g in trainer.torch_optimizer.param_groups} == {"lora", "base_ffn"}
+    lrs = snapshots["lrs"]
+    assert {kind for kind, _, _ in lrs[2]} == {"lora"} and {kind for kind, _, _ in lrs[3]} == {"lora", "base_ffn"}
+    # Linear decay over 6 steps: step 3 runs at half the base lr; base_ffn gets its 0.5 multiplier on top.
+    for kind, lr, scheduled in lrs[3]:
+        base = 2e-3 if kind == "lora" else 1e-3
+        assert scheduled == pytest.approx(base * 3 / 6)
+        assert lr == pytest.approx(scheduled * (0.5 if kind == "base_ffn" else 1.0))
+    initial = {n: p for n, p in small_model().named_parameters() if ".self_attn." in n}
+    for name, value in snapshots["attn"].items():
+        assert torch.equal(value, initial[name].detach()), f"{name} trained before its phase"
+        assert not torch.equal(dict(trainer.model.named_parameters())[name].detach(), value), name
+    last = [h for h in trainer.state.log_history if "loss" in h][-1]
+    assert last["scripted_extra"] == 0.0 and last["scripted_step"] == 6.0
+
+
+def test_extra_loss_is_added_to_the_training_loss(tmp_path, tokenizer):
+    plain, _ = run(tmp_path / "a", tokenizer, extra=0.0)
+    shifted, _ = run(tmp_path / "b", tokenizer, extra=1.0)
+    a = [h["loss"] for h in plain.state.log_history if "loss" in h]
+    b = [h["loss"] for h in shifted.state.log_history if "loss" in h]
+    assert b == pytest.approx([x + 1.0 for x in a], abs=1e-4)
