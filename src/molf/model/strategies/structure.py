@@ -51,8 +51,9 @@ def rebuild_strategy_structure(model: nn.Module, cfg, mode: str, exported: bool 
         mode: the strategy mode of the run.
         exported: True for a checkpoint written after ``StrategyRuntime.export`` (dense LoRA is then a
             plain model and nothing changes; a handoff's export is replayed: adapters whose fade ends at
-            0 are removed when ``remove_zero_scale``, else merged when ``merge``); False for the training
-            structure (mid-run checkpoints).
+            0 are removed when ``remove_zero_scale``, else merged when ``merge``; kept adapters get their
+            fade's ``end_scale``); False for the training structure (mid-run checkpoints: fade scales are
+            runtime state, restored by ``StrategyRuntime.on_step_begin(model, step)``).
 
     Returns:
         ``model``, modified in place.
