@@ -1,0 +1,85 @@
+"""src/script/train.py and count_params.py end to end on CPU (tiny model, bundled MedMCQA fixture)."""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import FIXTURES, REPO_ROOT
+from transformers import AutoModelForCausalLM
+
+TINY = "tiny-qwen2:hidden_size=32,intermediate_size=64,num_attention_heads=4,num_key_value_heads=2"
+
+
+def load_script(name: str):
+    spec = importlib.util.spec_from_file_location(name, REPO_ROOT / "src" / "script" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def flags(tmp_path: Path, *extra: str) -> list[str]:
+    return ["--model_name_or_path", TINY, "--mode", "molf", "--molf_lora_ranks", "[8]", "--dataset_type", "med",
+            "--data_path", str(FIXTURES / "med"), "--eval_data_path", str(FIXTURES / "med"),
+            "--ckpt_dir_root", str(tmp_path / "runs"), "--results_dir", str(tmp_path / "results"),
+            "--max_steps", "3", "--per_device_batch_size", "4", "--gradient_accumulation_steps", "1",
+            "--learning_rate", "1e-3", "--lora_learning_rate", "1e-3", "--logging_steps", "1",
+            "--save_strategy", "steps", "--save_steps", "2", "--report_to", "json", "--num_eval_samples", "4",
+            "--max_new_tokens", "3", "--eval_batch_size", "4", *extra]
+
+
+def test_validate_only_creates_nothing(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert load_script("train").main(flags(tmp_path, "--validate_only", "True")) == 0
+    assert "config is valid" in capsys.readouterr().out
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_invalid_flags_exit_2_with_the_fix(tmp_path, capsys):
+    assert load_script("train").main(flags(tmp_path, "--molf_topk", "5")) == 2
+    assert "lower --molf_topk" in capsys.readouterr().err
+    assert not (tmp_path / "runs").exists()
+
+
+def test_preflight_prints_counts_and_trains_nothing(tmp_path, capsys):
+    assert load_script("train").main(flags(tmp_path, "--preflight", "True")) == 0
+    out = capsys.readouterr().out
+    assert "lora_experts" in out and "added by the mode" in out
+    assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.integration
+def test_train_merge_save_evaluate_then_only_eval(tmp_path, capsys):
+    script = load_script("train")
+    assert script.main(flags(tmp_path)) == 0
+    out = capsys.readouterr().out
+    run_dir = next((tmp_path / "runs").iterdir())
+    assert f"merged checkpoint: {run_dir / 'final'}" in out
+    assert f"routing log: {run_dir / 'molf_routing.jsonl'}" in out
+    assert (run_dir / "resolved_config.yaml").is_file()
+    assert not list(run_dir.glob("checkpoint-*"))  # clean_ckpt_at_end
+    steps = [json.loads(line) for line in (run_dir / "molf_routing.jsonl").read_text().splitlines()]
+    assert steps[0]["type"] == "header" and [s["step"] for s in steps[1:]] == [1, 2, 3]
+    metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics if "loss" in m] == [1, 2, 3]
+    model = AutoModelForCausalLM.from_pretrained(run_dir / "final")
+    assert not any("lora" in name for name, _ in model.named_parameters())
+    assert torch.isfinite(next(model.parameters())).all()
+    rows = list(csv.DictReader(open(tmp_path / "results" / "med.csv")))
+    assert len(rows) == 1 and rows[0]["run_name"] == run_dir.name and rows[0]["num_eval"] == "4"
+    assert script.main(flags(tmp_path, "--only_eval", "True")) == 0
+    assert len(list(csv.DictReader(open(tmp_path / "results" / "med.csv")))) == 2
+
+
+def test_count_params_script(capsys):
+    assert load_script("count_params").main(["--model_name_or_path", TINY, "--mode", "molf_e",
+                                             "--molf_lora_ranks", "[4,8]"]) == 0
+    out = capsys.readouterr().out
+    lora_line = next(line for line in out.splitlines() if line.startswith("lora_experts"))
+    # 7 wrapped linears per layer, 2 layers; experts of ranks 4 and 8 hold (in + out) * 12 each.
+    per_layer = (32 + 32) * 2 + (32 + 16) * 2 + (32 + 64) * 3  # q, o; k, v (2 kv heads); gate, up, down
+    assert int(lora_line.split()[1].replace(",", "")) == 12 * 2 * per_layer
