@@ -1,0 +1,163 @@
+"""Training-step throughput and memory of fft, lora, molf and molf_e on one model, in one process.
+
+    python scripts/bench_train.py                       # CPU, writes results/bench_train.csv
+    python scripts/bench_train.py --device cuda --batch_size 8 --precision bf16_mixed
+
+Every mode gets the same randomly initialised Qwen2-style model (hidden 512, 4 layers by default),
+the same random token batch (seq 256, vocab 32000) and the same step as the trainer: forward, backward,
+grad-norm clipping, the mode's optimizer (``molf.train.optimizers.build_optimizer``), zero_grad. Modes
+are interleaved within each repetition so machine noise hits them alike; the CSV holds medians and
+the step-time ratio of each mode to fft measured in the same process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import statistics
+import time
+import warnings
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+
+from molf.config import TrainingConfig
+from molf.model.tiny import build_tiny_model
+from molf.train.build import apply_mode
+from molf.train.optimizers import build_optimizer
+
+MODES = {
+    "fft": {},
+    "lora": {"lora_rank": 32},
+    "molf": {"molf_lora_ranks": [128]},
+    "molf_e": {"molf_lora_ranks": [32, 128]},
+}
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--precision", choices=["fp32", "bf16_mixed", "bf16_pure"], default="fp32")
+    parser.add_argument("--hidden_size", type=int, default=512)
+    parser.add_argument("--num_layers", type=int, default=4)
+    parser.add_argument("--vocab_size", type=int, default=32000)
+    parser.add_argument("--seq_len", type=int, default=256)
+    parser.add_argument("--batch_size", type=int, default=2)
+    parser.add_argument("--repetitions", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=3, help="timed steps per mode per repetition")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed steps per mode before the first repetition")
+    parser.add_argument("--modes", default=",".join(MODES))
+    parser.add_argument("--out", default="results/bench_train.csv")
+    return parser.parse_args()
+
+
+def build_mode(mode: str, args: argparse.Namespace):
+    """The model (same init for every mode) after the mode's surgery, and its optimizer."""
+    dtype = torch.bfloat16 if args.precision == "bf16_pure" else torch.float32
+    heads = max(args.hidden_size // 64, 1)
+    model = build_tiny_model("qwen2", seed=0, dtype=dtype, hidden_size=args.hidden_size,
+                             intermediate_size=int(args.hidden_size * 2.6875), num_hidden_layers=args.num_layers,
+                             num_attention_heads=heads, num_key_value_heads=heads, vocab_size=args.vocab_size)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        cfg = TrainingConfig(model_name_or_path="tiny-qwen2", mode=mode, learning_rate=1e-4,
+                             lora_learning_rate=1e-4, weight_decay=0.01, lora_weight_decay=0.01, **MODES[mode])
+    model = apply_mode(model, cfg).to(args.device)
+    model.config.use_cache = False
+    model.train()
+    return model, build_optimizer(model, cfg)
+
+
+def train_step(model, optimizer, batch: torch.Tensor, autocast) -> None:
+    with autocast():
+        loss = model(input_ids=batch, labels=batch).loss
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 1.0)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
+def timed_steps(model, optimizer, batch, autocast, steps: int, device: torch.device) -> tuple[list[float], float]:
+    """Wall time of each step (synchronized on CUDA) and the peak CUDA memory of the block (MiB, else nan)."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    times = []
+    for _ in range(steps):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        train_step(model, optimizer, batch, autocast)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        times.append(time.perf_counter() - start)
+    peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else float("nan")
+    return times, peak
+
+
+def state_mib(model, optimizer) -> float:
+    """Parameters + optimizer state, in MiB (exact tensor bytes; what the method keeps between steps)."""
+    tensors = {id(p): p for p in model.parameters()}
+    for state in optimizer.state.values():
+        tensors.update({id(t): t for t in state.values() if torch.is_tensor(t)})
+    return sum(t.numel() * t.element_size() for t in tensors.values()) / 2**20
+
+
+def run(args: argparse.Namespace) -> list[dict]:
+    device = torch.device(args.device)
+    modes = args.modes.split(",")
+    autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if args.precision == "bf16_mixed" \
+        else nullcontext
+    batch = torch.randint(0, args.vocab_size, (args.batch_size, args.seq_len),
+                          generator=torch.Generator().manual_seed(0)).to(device)
+    built = {mode: build_mode(mode, args) for mode in modes}
+    for model, optimizer in built.values():
+        for _ in range(args.warmup):
+            train_step(model, optimizer, batch, autocast)
+    times = {mode: [] for mode in modes}
+    peaks = {mode: [] for mode in modes}
+    for _ in range(args.repetitions):
+        for mode in modes:  # interleaved: each repetition visits every mode once
+            step_times, peak = timed_steps(*built[mode], batch, autocast, args.steps, device)
+            times[mode] += step_times
+            peaks[mode].append(peak)
+    return summarize(args, built, times, peaks)
+
+
+def summarize(args, built, times, peaks) -> list[dict]:
+    medians = {mode: statistics.median(t) for mode, t in times.items()}
+    rows = []
+    for mode, (model, optimizer) in built.items():
+        rows.append({
+            "device": torch.cuda.get_device_name(0) if args.device.startswith("cuda") else "cpu",
+            "precision": args.precision, "mode": mode, "batch_size": args.batch_size, "seq_len": args.seq_len,
+            "hidden_size": args.hidden_size, "num_layers": args.num_layers, "vocab_size": args.vocab_size,
+            "params_total": sum(p.numel() for p in model.parameters()),
+            "params_trainable": sum(p.numel() for p in model.parameters() if p.requires_grad),
+            "median_step_time_s": round(medians[mode], 5),
+            "tokens_per_second": round(args.batch_size * args.seq_len / medians[mode], 1),
+            "step_time_ratio_vs_fft": round(medians[mode] / medians["fft"], 4) if "fft" in medians else "",
+            "peak_memory_mib": round(max(peaks[mode]), 1) if args.device.startswith("cuda") else "",
+            "param_and_optimizer_state_mib": round(state_mib(model, optimizer), 1),
+            "timed_steps": len(times[mode]),
+        })
+    return rows
+
+
+def main() -> None:
+    args = parse_args()
+    rows = run(args)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with out.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    for row in rows:
+        print(f"{row['mode']:>7}: {row['median_step_time_s']:.4f} s/step, {row['tokens_per_second']:.0f} tok/s, "
+              f"x{row['step_time_ratio_vs_fft']} of fft, state {row['param_and_optimizer_state_mib']} MiB")
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
