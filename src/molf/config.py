@@ -78,22 +78,15 @@ class TrainingConfig(TrainConfig, DataConfig, EvalConfig, OptimConfig, MoLFConfi
             self._check_strategy()
 
     def _check_score_fn(self) -> None:
-        known = list(_SCORE_TAGS)
-        if importlib.util.find_spec("molf.optim.scores") is not None:
-            from molf.optim import scores
+        from molf.optim.scores import SCORE_FNS
 
-            known = list(getattr(scores, "SCORE_FNS", known))
+        known = sorted(SCORE_FNS)
         if self.molf_score_fn not in known:
             raise ValueError(f"unknown molf_score_fn {self.molf_score_fn!r}; choose one of {known}")
 
     def _check_strategy(self) -> None:
-        try:
-            from molf.model.strategies import validate_strategy
-        except ImportError as err:
-            raise ValueError(
-                f"--mode {self.mode} needs molf.model.strategies.validate_strategy, which this install lacks; "
-                "use --mode fft, lora, molf or molf_e"
-            ) from err
+        from molf.model.strategies import validate_strategy
+
         for message in validate_strategy(self, self.mode, None):
             warnings.warn(message, stacklevel=3)
 

@@ -16,7 +16,7 @@ from molf.config import parse_config
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     from molf.model.load import load_model
-    from molf.train.build import apply_mode, model_dtype
+    from molf.train.build import apply_mode, attach_strategy, model_dtype
     from molf.train.param_count import count_parameters, format_counts
 
     try:
@@ -26,9 +26,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 2
     model = load_model(cfg.model_name_or_path, model_dtype(cfg.precision), cfg.attn_implementation, cfg.seed)
     before = count_parameters(model)
+    runtime = attach_strategy(model, cfg)
     model = apply_mode(model, cfg)
     print(f"{cfg.model_name_or_path}, mode {cfg.mode}")
     print(format_counts(count_parameters(model), before))
+    if runtime is not None:
+        print(f"{runtime.summary()}; parameters per group: {runtime.parameter_counts()}")
     return 0
 
 

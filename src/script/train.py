@@ -55,6 +55,8 @@ def train(cfg: TrainingConfig) -> None:
     runtime = build.attach_strategy(model, cfg)
     model = build.apply_mode(model, cfg)
     say(format_counts(count_parameters(model), before))
+    if runtime is not None:
+        say(f"{runtime.summary()}; parameters per group: {runtime.parameter_counts()}")
     if cfg.preflight:
         return
     dataset = build_train_dataset(cfg, tokenizer, cfg.seed)

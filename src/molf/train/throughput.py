@@ -34,6 +34,10 @@ class ThroughputMeter:
         self._since: Optional[float] = None
         self._since_step = 0
 
+    @property
+    def started(self) -> bool:
+        return self._since is not None
+
     def start(self, step: int) -> None:
         self._since, self._since_step = time.perf_counter(), step
 

@@ -66,7 +66,7 @@ class MoLFTrainer(Trainer):
             group["lr"] = lr * multipliers.get(group.get("kind"), 1.0)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        if not self.throughput._since:
+        if not self.throughput.started:
             self.throughput.start(self.state.global_step)
         self.throughput.update(inputs)
         result = super().compute_loss(model, inputs, return_outputs=return_outputs,

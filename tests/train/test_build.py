@@ -1,0 +1,75 @@
+"""Run assembly: precision resolution, TrainingArguments, resume resolution, strategy guards, param counts."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import small_model
+from trainrun_helpers import make_cfg
+
+from molf.train import build
+from molf.train.callbacks import JsonMetricsCallback, RoutingLogCallback
+from molf.train.param_count import count_parameters
+
+
+def test_precision_resolution_on_cpu():
+    if torch.cuda.is_available():
+        pytest.skip("checks the CPU resolution")
+    assert build.resolve_precision("auto") == "fp32"
+    assert build.model_dtype("bf16_pure") == torch.bfloat16
+    assert build.model_dtype("bf16_mixed") == torch.float32
+
+
+def test_training_arguments_follow_the_config(tmp_path):
+    cfg = make_cfg(tmp_path, seed=7, precision="bf16_mixed", report_to="json", warm_up_ratio=0.1,
+                   lr_scheduler_type="cosine")
+    args = build.training_arguments(cfg)
+    assert (args.seed, args.data_seed, args.bf16) == (7, 7, True)
+    assert args.report_to == [] and args.output_dir == str(cfg.run_dir)
+    assert args.get_warmup_steps(100) == 10 and args.lr_scheduler_type.value == "cosine"
+    kinds = {type(c) for c in build.run_callbacks(cfg)}
+    assert kinds == {RoutingLogCallback, JsonMetricsCallback}
+    assert build.run_callbacks(make_cfg(tmp_path, "fft", report_to="none")) == []
+
+
+def test_resume_resolution(tmp_path):
+    cfg = make_cfg(tmp_path, resume_from_checkpoint="auto")
+    assert build.resolve_resume(cfg) is None  # nothing to resume yet: a fresh start
+    (cfg.run_dir / "checkpoint-2").mkdir(parents=True)
+    (cfg.run_dir / "checkpoint-10").mkdir()
+    assert build.resolve_resume(cfg).endswith("checkpoint-10")
+    with pytest.raises(FileNotFoundError, match="not a directory"):
+        build.resolve_resume(make_cfg(tmp_path, resume_from_checkpoint=str(tmp_path / "missing")))
+
+
+def test_phased_strategy_refuses_ddp(tmp_path, monkeypatch):
+    phases = [{"step": 0, "trainable": ["router", "lora"]}, {"step": 2, "trainable": ["lora", "base_ffn"]}]
+    cfg = make_cfg(tmp_path, "moe_expert_lora", num_experts=2, expert_top_k=1, phases=phases)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ValueError, match="DDP"):
+        build.attach_strategy(small_model(), cfg)
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    assert build.attach_strategy(small_model(), cfg) is not None
+
+
+def test_adapter_init_depends_on_the_seed_only(tmp_path):
+    cfg = make_cfg(tmp_path)
+    a = build.apply_mode(small_model(), cfg)
+    torch.rand(100)  # consuming the global RNG must not change the adapters
+    b = build.apply_mode(small_model(), cfg)
+    c = build.apply_mode(small_model(), make_cfg(tmp_path, seed=1))
+    key = "model.layers.0.self_attn.q_proj.lora_A.0"
+    assert torch.equal(a.state_dict()[key], b.state_dict()[key])
+    assert not torch.equal(a.state_dict()[key], c.state_dict()[key])
+
+
+def test_param_buckets(tmp_path):
+    base = count_parameters(small_model())
+    assert base["lora_experts"]["total"] == 0
+    assert base["all"]["total"] == sum(p.numel() for p in small_model().parameters())
+    molf = count_parameters(build.apply_mode(small_model(), make_cfg(tmp_path)))
+    assert molf["base_weight"] == base["base_weight"] and molf["other"] == base["other"]
+    assert molf["all"]["total"] - base["all"]["total"] == molf["lora_experts"]["total"] > 0
+    lora = count_parameters(build.apply_mode(small_model(), make_cfg(tmp_path, "lora")))
+    assert lora["all"]["trainable"] == lora["lora_experts"]["total"] == lora["lora_experts"]["trainable"]
+    assert lora["base_weight"]["total"] == base["base_weight"]["total"]
