@@ -69,30 +69,50 @@ def build_mode(mode: str, args: argparse.Namespace):
     return model, build_optimizer(model, cfg)
 
 
-def train_step(model, optimizer, batch: torch.Tensor, autocast) -> None:
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def train_step(model, optimizer, batch: torch.Tensor, autocast, device: torch.device) -> tuple[float, float]:
+    """One step; returns (forward+backward+clip seconds, optimizer step + zero_grad seconds)."""
+    _sync(device)
+    start = time.perf_counter()
     with autocast():
         loss = model(input_ids=batch, labels=batch).loss
     loss.backward()
     torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 1.0)
+    _sync(device)
+    middle = time.perf_counter()
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
+    _sync(device)
+    return middle - start, time.perf_counter() - middle
 
 
-def timed_steps(model, optimizer, batch, autocast, steps: int, device: torch.device) -> tuple[list[float], float]:
-    """Wall time of each step (synchronized on CUDA) and the peak CUDA memory of the block (MiB, else nan)."""
+def timed_steps(model, optimizer, batch, autocast, steps: int, device: torch.device):
+    """(step seconds, optimizer seconds) per step and the block's peak CUDA memory (MiB, nan on CPU)."""
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    times = []
-    for _ in range(steps):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        start = time.perf_counter()
-        train_step(model, optimizer, batch, autocast)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        times.append(time.perf_counter() - start)
+    times = [train_step(model, optimizer, batch, autocast, device) for _ in range(steps)]
     peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else float("nan")
-    return times, peak
+    return [a + b for a, b in times], [b for _, b in times], peak
+
+
+def adapter_flops_pct(model) -> float:
+    """LoRA matmul work as a % of the base linears' (head excluded): sum r (in + out) / sum in * out."""
+    from molf.model.molf_linear import MoLFLinear
+
+    base = adapter = 0
+    for name, module in model.named_modules():
+        if isinstance(module, MoLFLinear):
+            base += module.in_features * module.out_features
+            adapter += sum(module.r) * (module.in_features + module.out_features)
+        elif hasattr(module, "lora_A") and hasattr(module, "base_layer"):  # peft LoRA layer
+            linear = module.base_layer
+            base += linear.in_features * linear.out_features
+            adapter += sum(a.out_features for a in module.lora_A.values()) * (linear.in_features + linear.out_features)
+    return 100.0 * adapter / base if base else 0.0
 
 
 def state_mib(model, optimizer) -> float:
@@ -113,18 +133,20 @@ def run(args: argparse.Namespace) -> list[dict]:
     built = {mode: build_mode(mode, args) for mode in modes}
     for model, optimizer in built.values():
         for _ in range(args.warmup):
-            train_step(model, optimizer, batch, autocast)
+            train_step(model, optimizer, batch, autocast, device)
     times = {mode: [] for mode in modes}
+    optim_times = {mode: [] for mode in modes}
     peaks = {mode: [] for mode in modes}
     for _ in range(args.repetitions):
         for mode in modes:  # interleaved: each repetition visits every mode once
-            step_times, peak = timed_steps(*built[mode], batch, autocast, args.steps, device)
+            step_times, optimizer_times, peak = timed_steps(*built[mode], batch, autocast, args.steps, device)
             times[mode] += step_times
+            optim_times[mode] += optimizer_times
             peaks[mode].append(peak)
-    return summarize(args, built, times, peaks)
+    return summarize(args, built, times, optim_times, peaks)
 
 
-def summarize(args, built, times, peaks) -> list[dict]:
+def summarize(args, built, times, optim_times, peaks) -> list[dict]:
     medians = {mode: statistics.median(t) for mode, t in times.items()}
     rows = []
     for mode, (model, optimizer) in built.items():
@@ -137,6 +159,8 @@ def summarize(args, built, times, peaks) -> list[dict]:
             "median_step_time_s": round(medians[mode], 5),
             "tokens_per_second": round(args.batch_size * args.seq_len / medians[mode], 1),
             "step_time_ratio_vs_fft": round(medians[mode] / medians["fft"], 4) if "fft" in medians else "",
+            "median_optimizer_time_s": round(statistics.median(optim_times[mode]), 5),
+            "adapter_matmul_pct_of_base": round(adapter_flops_pct(model), 1),
             "peak_memory_mib": round(max(peaks[mode]), 1) if args.device.startswith("cuda") else "",
             "param_and_optimizer_state_mib": round(state_mib(model, optimizer), 1),
             "timed_steps": len(times[mode]),

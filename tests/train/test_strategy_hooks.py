@@ -56,9 +56,10 @@ class ScriptedRuntime:
         return model
 
 
-def run(tmp_path, tokenizer, extra):
+def run(tmp_path, tokenizer, extra, accumulation=1):
     cfg = make_cfg(tmp_path, "dense_lora", max_steps=6, logging_steps=1, lr_scheduler_type="linear",
-                   learning_rate=1e-3, lora_learning_rate=2e-3)
+                   learning_rate=1e-3, lora_learning_rate=2e-3, per_device_batch_size=4 // accumulation,
+                   gradient_accumulation_steps=accumulation)
     model = small_model()
     runtime = ScriptedRuntime(model, extra)
     snapshots = {}
@@ -103,9 +104,10 @@ def test_phase_change_rebuilds_with_kinds_multipliers_and_logs(tmp_path, tokeniz
     assert last["scripted_extra"] == 0.0 and last["scripted_step"] == 6.0
 
 
-def test_extra_loss_is_added_to_the_training_loss(tmp_path, tokenizer):
-    plain, _ = run(tmp_path / "a", tokenizer, extra=0.0)
-    shifted, _ = run(tmp_path / "b", tokenizer, extra=1.0)
+@pytest.mark.parametrize("accumulation", [1, 2])
+def test_extra_loss_is_added_once_per_optimizer_step(tmp_path, tokenizer, accumulation):
+    plain, _ = run(tmp_path / "a", tokenizer, extra=0.0, accumulation=accumulation)
+    shifted, _ = run(tmp_path / "b", tokenizer, extra=1.0, accumulation=accumulation)
     a = [h["loss"] for h in plain.state.log_history if "loss" in h]
     b = [h["loss"] for h in shifted.state.log_history if "loss" in h]
     assert b == pytest.approx([x + 1.0 for x in a], abs=1e-4)

@@ -77,6 +77,10 @@ class MoLFTrainer(Trainer):
         self._strategy_items = items
         if extra is None:
             return result
+        if self.model_accepts_loss_kwargs and num_items_in_batch is not None:
+            # The LM loss is then a share of the accumulated batch's mean and is not divided by the
+            # number of micro-batches later: the router loss (a per-micro-batch mean) gets the same share.
+            extra = extra / self.current_gradient_accumulation_steps
         if return_outputs:
             return result[0] + extra, result[1]
         return result + extra
