@@ -136,6 +136,20 @@ def test_yaml_round_trip(tmp_path):
     assert again == cfg and again.run_name == cfg.run_name
 
 
+def test_save_strategy_no_survives_yaml_booleans(tmp_path):
+    assert parse_config(["--save_strategy", "no"]).save_strategy == "no"
+    path = tmp_path / "c.yaml"
+    path.write_text("save_strategy: no\n")
+    cfg = parse_config([], config_path=str(path))
+    assert cfg.save_strategy == "no"
+    dumped = tmp_path / "d.yaml"
+    with open(dumped, "w") as handle:
+        cfg.dump_yaml(handle)
+    assert parse_config([], config_path=str(dumped)).save_strategy == "no"
+    with pytest.raises(ValueError, match="save_strategy"):
+        parse_config(["--save_strategy", "sometimes"])
+
+
 def test_config_path_flag_and_override(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text("mode: lora\nlora_rank: 8\nseed: 5\n")

@@ -17,7 +17,7 @@ STRATEGY_MODES = ("dense_lora", "mixture_lora", "moe_expert_lora")
 Precision = Literal["auto", "fp32", "bf16_mixed", "bf16_pure"]
 ReportTo = Literal["none", "json", "tensorboard", "wandb"]
 AttnImplementation = Literal["sdpa", "eager", "flash_attention_2"]
-SaveStrategy = Literal["no", "steps", "epoch"]
+SAVE_STRATEGIES = ("no", "steps", "epoch")
 
 # transformers.SchedulerType values that run without evaluation metrics or extra scheduler kwargs.
 SUPPORTED_SCHEDULERS = (
@@ -52,7 +52,8 @@ class TrainConfig:
     logging_steps: int = 10
     # json: metrics appended to <run_dir>/metrics.jsonl.
     report_to: ReportTo = "json"
-    save_strategy: SaveStrategy = "epoch"
+    # One of no, steps, epoch (a str, not a Literal: draccus reads a bare `no` as YAML false).
+    save_strategy: str = "epoch"
     save_steps: int = 500
     save_total_limit: Optional[int] = 2
     # Delete the intermediate checkpoint-* directories once the merged model is saved.
@@ -91,6 +92,10 @@ class TrainConfig:
         if self.dataloader_num_workers < 0:
             raise ValueError(f"dataloader_num_workers must be >= 0, got {self.dataloader_num_workers}")
         self._check_scheduler()
+        if self.save_strategy in ("False", "false"):
+            self.save_strategy = "no"
+        if self.save_strategy not in SAVE_STRATEGIES:
+            raise ValueError(f"save_strategy must be one of {list(SAVE_STRATEGIES)}, got {self.save_strategy!r}")
 
     def _check_scheduler(self) -> None:
         from transformers import SchedulerType
