@@ -47,13 +47,19 @@ def _assert_models_equal(a, b):
         assert torch.equal(p, q), name
 
 
+PATHS = pytest.mark.parametrize("fused", [True, False], ids=["fused", "foreach"])
+
+
+@PATHS
 @pytest.mark.parametrize("fft, ranks, topk", [(True, (4, 8), 3), (True, (4,), 5), (False, (4, 8), 2)])
-def test_topk_all_experts_is_bit_identical_to_adamw(fft, ranks, topk):
+def test_topk_all_experts_is_bit_identical_to_adamw(fft, ranks, topk, fused):
+    """The fused path against AdamW(fused=True), the foreach path against AdamW(foreach=True)."""
     cfg = OptimConfig(**{**vars(OPTIM), "molf_topk": topk})
     model = _molf_model(ranks=ranks, fft=fft)
     reference = copy.deepcopy(model)
-    molf = MoLFAdamW.from_config(model, cfg)
-    adamw = torch.optim.AdamW(build_param_groups(reference, cfg), foreach=True)
+    molf = MoLFAdamW.from_config(model, cfg, fused=fused)
+    assert molf.fused is fused
+    adamw = torch.optim.AdamW(build_param_groups(reference, cfg), **({"fused": True} if fused else {"foreach": True}))
     molf_sched, adamw_sched = _warmup(molf), _warmup(adamw)
     for step in range(6):
         _train_step(model, molf, molf_sched, step)
@@ -64,11 +70,14 @@ def test_topk_all_experts_is_bit_identical_to_adamw(fft, ranks, topk):
         if p.requires_grad:
             ref = adamw.state[dict(zip(map(id, model.parameters()), reference.parameters()))[id(p)]]
             assert torch.equal(molf.state[p]["exp_avg_sq"], ref["exp_avg_sq"])
+            assert torch.equal(molf.state[p]["exp_avg"], ref["exp_avg"])
+            assert float(molf.state[p]["step"]) == float(ref["step"]) == 6
 
 
-def test_step_zero_under_warmup_routes_every_module_to_fft():
+@PATHS
+def test_step_zero_under_warmup_routes_every_module_to_fft(fused):
     model = _molf_model()
-    optimizer = MoLFAdamW.from_config(model, OPTIM)
+    optimizer = MoLFAdamW.from_config(model, OPTIM, fused=fused)
     _train_step(model, optimizer, _warmup(optimizer), 0)
     routing = optimizer.last_routing
     assert routing.step == 1 and routing.expert_names == ["fft", "lora0_r4", "lora1_r8"]
@@ -83,10 +92,11 @@ def _expert_snapshot(model, optimizer):
             for _, module in molf_modules(model)]
 
 
-def test_top1_updates_winners_only_while_loser_moments_move():
+@PATHS
+def test_top1_updates_winners_only_while_loser_moments_move(fused):
     model = _molf_model(ranks=(4, 16))
     cfg = OptimConfig(**{**vars(OPTIM), "lora_learning_rate": 2e-3})  # both kinds win somewhere
-    optimizer = MoLFAdamW.from_config(model, cfg)
+    optimizer = MoLFAdamW.from_config(model, cfg, fused=fused)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda t: 1.0)
     seen = torch.zeros(3, dtype=torch.bool)
     for step in range(4):
@@ -108,11 +118,12 @@ def test_top1_updates_winners_only_while_loser_moments_move():
     assert seen[0] and seen[1:].any()  # both the FFT and a LoRA expert won somewhere
 
 
-def test_molf_e_never_changes_the_base():
+@PATHS
+def test_molf_e_never_changes_the_base(fused):
     model = _molf_model(fft=False, ranks=(4, 8))
     base = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
     assert base
-    optimizer = MoLFAdamW.from_config(model, OPTIM)
+    optimizer = MoLFAdamW.from_config(model, OPTIM, fused=fused)
     assert [g["kind"] for g in optimizer.param_groups] == ["lora", "other_no_decay", "other"]
     scheduler = _warmup(optimizer, warmup=1)
     for step in range(3):
@@ -126,10 +137,11 @@ def _run(model, optimizer, scheduler, steps):
         _train_step(model, optimizer, scheduler, step)
 
 
-def test_state_dict_round_trip_continues_identically():
+@PATHS
+def test_state_dict_round_trip_continues_identically(fused):
     cfg = OptimConfig(**{**vars(OPTIM), "lora_learning_rate": 2e-2})
     model = _molf_model()
-    optimizer = MoLFAdamW.from_config(model, cfg)
+    optimizer = MoLFAdamW.from_config(model, cfg, fused=fused)
     scheduler = _warmup(optimizer)
     _run(model, optimizer, scheduler, range(3))
     buffer = io.BytesIO()
@@ -141,7 +153,7 @@ def test_state_dict_round_trip_continues_identically():
     saved = torch.load(buffer, weights_only=True)
     resumed = _molf_model(seed=7)  # a fresh model and optimizer, as the HF Trainer builds them on resume
     resumed.load_state_dict(saved["model"])
-    resumed_optimizer = MoLFAdamW.from_config(resumed, cfg)
+    resumed_optimizer = MoLFAdamW.from_config(resumed, cfg, fused=fused)
     resumed_scheduler = _warmup(resumed_optimizer)  # built before loading, in the Trainer's order
     resumed_optimizer.load_state_dict(saved["optim"])
     resumed_scheduler.load_state_dict(saved["sched"])
@@ -161,9 +173,10 @@ def test_param_groups_hold_no_tensors_besides_params():
 
 
 @pytest.mark.parametrize("layers", [1, 4])
-def test_one_host_sync_per_step_whatever_the_size(layers):
+@PATHS
+def test_one_host_sync_per_step_whatever_the_size(layers, fused):
     model = _molf_model(num_hidden_layers=layers)
-    optimizer = MoLFAdamW.from_config(model, OPTIM)
+    optimizer = MoLFAdamW.from_config(model, OPTIM, fused=fused)
     ids = _batch()
     for _ in range(3):
         optimizer.zero_grad()
@@ -173,9 +186,10 @@ def test_one_host_sync_per_step_whatever_the_size(layers):
         assert syncs.count == 1, syncs.calls
 
 
-def test_non_finite_gradient_resets_only_that_expert():
+@PATHS
+def test_non_finite_gradient_resets_only_that_expert(fused):
     model = _molf_model()
-    optimizer = MoLFAdamW.from_config(model, OPTIM)
+    optimizer = MoLFAdamW.from_config(model, OPTIM, fused=fused)
     scheduler = _warmup(optimizer, warmup=1)
     _run(model, optimizer, scheduler, range(2))
     name, module = molf_modules(model)[0]
@@ -222,3 +236,25 @@ def test_bad_topk_and_score_raise():
         MoLFAdamW(model.parameters(), model, topk=0)
     with pytest.raises(ValueError, match="molf_score_fn"):
         MoLFAdamW(model.parameters(), model, score_fn="nope")
+
+
+def test_foreach_checkpoint_loads_into_the_fused_path():
+    model = _molf_model()
+    foreach = MoLFAdamW.from_config(model, OPTIM, fused=False)
+    _run(model, foreach, _warmup(foreach), range(2))
+    fused = MoLFAdamW.from_config(model, OPTIM, fused=True)
+    fused.load_state_dict(foreach.state_dict())
+    _run(model, fused, _warmup(fused), range(2, 3))
+    steps = [fused.state[p]["step"] for p in model.parameters() if p.requires_grad]
+    assert all(isinstance(s, torch.Tensor) and s.dtype == torch.float32 and s.item() == 3 for s in steps)
+
+
+def test_bad_score_backend_raises():
+    model = _molf_model()
+    with pytest.raises(ValueError, match="score_backend"):
+        MoLFAdamW(model.parameters(), model, score_backend="cuda")
+    optimizer = MoLFAdamW.from_config(model, OPTIM, score_backend="triton")  # CPU parameters
+    ids = _batch()
+    model(ids, labels=ids).loss.backward()
+    with pytest.raises(ValueError, match="triton"):
+        optimizer.step()

@@ -1,14 +1,21 @@
 """``MoLFAdamW``: AdamW that routes each module's update to its top-K experts (DESIGN section 1).
 
-The step reads as five phases, each a few multi-tensor (``torch._foreach_*``) kernels per bucket
-(one bucket per param group, device, dtype and expert/non-expert), never a Python loop over modules:
+Buckets (one per param group, device, dtype and expert/non-expert) are built once and cached; the
+step never loops over modules in Python. Two implementations of the same rule:
 
-1. gather  - the parameters that have a gradient, grouped into cached buckets;
-2. moments - ``m = b1 m + (1-b1) g``, ``v = b2 v + (1-b2) g^2``, ``step += 1`` for every parameter;
-3. scores  - per-tensor sums of the score function, scattered into a ``(modules, experts)`` matrix;
-4. select  - top-K per module on the device; the winner mask is copied to the host (the one sync);
-5. update  - AdamW (decoupled weight decay, bias-corrected step) on the winners and non-expert
-   parameters only, with the same op sequence as ``torch.optim.AdamW(foreach=True)``.
+Fused (the default where ``torch._fused_adamw_`` supports the parameters), two passes over memory:
+
+1. scores  - a pre-pass reads ``g``, ``m``, ``v`` once and sums the score of the *would-be* moments
+   per tensor (``molf.optim.prepass``: eager, compiled or Triton), scattered into ``(modules, experts)``;
+2. select  - top-K per module on the device; the winner mask is copied to the host (the one sync);
+3. update  - torch's fused AdamW kernel on the winners (their lr and weight decay) and on the losers
+   with ``lr = weight_decay = 0`` (moments only; ``p - 0 * x`` leaves ``p`` unchanged), and on the
+   non-expert parameters as plain AdamW. With ``topk`` >= experts this is bit-identical to
+   ``torch.optim.AdamW(fused=True)``.
+
+Foreach (``fused=False``): moments for every parameter, scores from the updated moments, selection,
+then AdamW on the winners with the op sequence of ``torch.optim.AdamW(foreach=True)``, to which it
+is bit-identical with ``topk`` >= experts.
 """
 
 from __future__ import annotations
@@ -24,6 +31,7 @@ from torch.optim import Optimizer
 
 from molf.model.molf_linear import MoLFLinear
 from molf.model.wrap import molf_modules
+from molf.optim import prepass
 from molf.optim.scores import SCORE_EPS, get_score_fn, select_topk
 
 
@@ -72,12 +80,25 @@ class _Bucket:
     exp_avg_sqs: list[Tensor]
     cells: np.ndarray | None  # (P,) expert cell per tensor; None for non-expert parameters
     cell_index: Tensor | None  # the same on the device, for index_add_
-    sqrts: list[Tensor] | None = None  # sqrt(v) of this step, shared by the scores and the update
+    steps: list[Tensor] | None = None  # fused path: the float32 step tensors of ``states``
+    sqrts: list[Tensor] | None = None  # foreach path: sqrt(v) of this step, shared by scores and update
+    plan: object | None = None  # fused path: the score pre-pass plan of the bucket's backend
 
     def cell_index_on(self, device: torch.device) -> Tensor:
         if self.cell_index.device != device:
             self.cell_index = torch.as_tensor(self.cell_index, device=device)  # once: buckets are cached
         return self.cell_index
+
+    def grads(self) -> list[Tensor]:
+        return [p.grad for p in self.params]
+
+
+def fused_supported(params: Iterable[Tensor]) -> bool:
+    """Whether ``torch._fused_adamw_`` supports every tensor of ``params`` (device type and dtype)."""
+    from torch.optim.optimizer import _get_fused_kernels_supported_devices
+
+    devices = _get_fused_kernels_supported_devices()
+    return all(p.device.type in devices and torch.is_floating_point(p) for p in params)
 
 
 class MoLFAdamW(Optimizer):
@@ -93,7 +114,9 @@ class MoLFAdamW(Optimizer):
     Parameters outside ``MoLFLinear`` experts get the same AdamW update every step. ``lr`` and
     ``weight_decay`` are read from each param group at step time, so an LR scheduler's factor applies
     to the scores and the update alike. With ``topk`` >= the number of experts this is exactly
-    ``torch.optim.AdamW(foreach=True)``.
+    ``torch.optim.AdamW(fused=True)`` (fused path) or ``torch.optim.AdamW(foreach=True)`` (foreach
+    path), bit for bit. The two paths' scores agree to the last few bits (the fused path computes
+    them from the would-be moments in its own pass), so a near-tie may route differently.
 
     Non-finite gradients: an expert whose gradient has an inf/NaN gets a non-finite score, so it
     cannot win that step and its weights are untouched; its moments and step count are then reset to
@@ -110,10 +133,16 @@ class MoLFAdamW(Optimizer):
         lr, betas, eps, weight_decay: AdamW defaults for groups that do not set them.
         score_fn: registered score name (``true_projected`` = EPD, ``projected`` = PFN).
         topk: experts updated per module per step.
+        fused: ``None`` picks the fused path when torch's fused AdamW supports every parameter's
+            device and dtype, ``True`` requires it, ``False`` uses the foreach path.
+        score_backend: the fused path's score pre-pass: ``auto`` (Triton on CUDA when installed,
+            else eager), ``eager``, ``compile`` (``torch.compile``; compiles on the first step) or
+            ``triton`` (CUDA only).
 
     Raises:
-        ValueError: for invalid hyper-parameters, an unknown score, or an expert whose parameters
-            are missing from the param groups or split across groups.
+        ValueError: for invalid hyper-parameters, an unknown score or backend, ``fused=True`` on
+            unsupported parameters, or an expert whose parameters are missing from the param groups
+            or split across groups.
     """
 
     def __init__(
@@ -127,12 +156,22 @@ class MoLFAdamW(Optimizer):
         weight_decay: float = 0.0,
         score_fn: str = "true_projected",
         topk: int = 1,
+        fused: bool | None = None,
+        score_backend: str = "auto",
     ) -> None:
         if not (lr >= 0 and eps >= 0 and weight_decay >= 0 and all(0 <= b < 1 for b in betas)):
             raise ValueError(f"invalid MoLFAdamW hyper-parameters lr={lr} betas={betas} eps={eps} wd={weight_decay}")
         if topk < 1:
             raise ValueError(f"topk must be >= 1 (experts updated per module per step), got {topk}")
+        if score_backend not in prepass.BACKENDS:
+            raise ValueError(f"score_backend must be one of {prepass.BACKENDS}, got {score_backend!r}")
         super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, molf_step=0))
+        supported = fused_supported(p for g in self.param_groups for p in g["params"])
+        if fused and not supported:
+            raise ValueError("fused=True: torch's fused AdamW does not support these parameters' device or dtype; "
+                             "pass fused=None (automatic) or fused=False")
+        self.fused = supported if fused is None else fused
+        self.score_backend = score_backend
         self.score_fn = get_score_fn(score_fn)
         self.topk = topk
         pairs = molf_modules(modules) if isinstance(modules, nn.Module) else list(modules)
@@ -144,13 +183,16 @@ class MoLFAdamW(Optimizer):
         self.nonfinite_resets = 0
 
     @classmethod
-    def from_config(cls, model: nn.Module, cfg) -> "MoLFAdamW":
-        """Build the optimizer of ``model`` from an ``OptimConfig`` (or a ``TrainingConfig``)."""
+    def from_config(cls, model: nn.Module, cfg, **kwargs) -> "MoLFAdamW":
+        """Build the optimizer of ``model`` from an ``OptimConfig`` (or a ``TrainingConfig``).
+
+        ``kwargs`` (``fused``, ``score_backend``) go to the constructor.
+        """
         from molf.optim.param_groups import build_param_groups
 
         return cls(build_param_groups(model, cfg), model, lr=cfg.learning_rate,
                    betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_epsilon,
-                   weight_decay=cfg.weight_decay, score_fn=cfg.molf_score_fn, topk=cfg.molf_topk)
+                   weight_decay=cfg.weight_decay, score_fn=cfg.molf_score_fn, topk=cfg.molf_topk, **kwargs)
 
     @property
     def module_names(self) -> list[str]:
@@ -213,13 +255,16 @@ class MoLFAdamW(Optimizer):
                 self.state[p].update(step=0.0, exp_avg=torch.zeros_like(p, memory_format=torch.preserve_format),
                                      exp_avg_sq=torch.zeros_like(p, memory_format=torch.preserve_format))
         states = [self.state[p] for p in params]
+        for state, p in zip(states, params):  # the step's type follows the path (also after a load)
+            state["step"] = _as_step(state["step"], p.device, self.fused)
         cells = np.array([self._experts.cell_of[id(p)] for p in params]) if is_expert else None
         cell_index = torch.as_tensor(cells, device=device) if is_expert else None
+        steps = [s["step"] for s in states] if self.fused else None
         return _Bucket(gi, params, states, [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states],
-                       cells, cell_index)
+                       cells, cell_index, steps)
 
     def load_state_dict(self, state_dict: dict) -> None:
-        """Load a state saved by ``state_dict()`` (e.g. from an HF Trainer checkpoint)."""
+        """Load a state saved by ``state_dict()`` (e.g. from an HF Trainer checkpoint), of either path."""
         super().load_state_dict(state_dict)
         self._bucket_cache.clear()  # the cached buckets hold the replaced state tensors
 
@@ -233,28 +278,32 @@ class MoLFAdamW(Optimizer):
             with torch.enable_grad():
                 loss = closure()
         buckets = self._gather()
-        for b in buckets:
-            self._moments(b)
+        if not self.fused:
+            for b in buckets:
+                self._moments(b)
         for group in self.param_groups:
             group["molf_step"] += 1
         experts = [b for b in buckets if b.cells is not None]
-        winners = self._route(experts) if experts else None
+        winners, bad = self._route(experts) if experts else (None, None)
+        update = self._fused_update if self.fused else self._update
         for b in buckets:
-            self._update(b, None if b.cells is None else winners[b.cells])
+            update(b, None if b.cells is None else winners[b.cells], None if b.cells is None else bad[b.cells])
+        if bad is not None and bad.any():
+            self._reset_nonfinite(experts, bad)
         return loss
 
-    # ---- phase 2: moments ----
+    # ---- foreach path: moments ----
 
     def _moments(self, b: _Bucket) -> None:
         beta1, beta2 = self.param_groups[b.group_index]["betas"]
-        grads = [p.grad for p in b.params]
+        grads = b.grads()
         torch._foreach_lerp_(b.exp_avgs, grads, 1 - beta1)
         torch._foreach_mul_(b.exp_avg_sqs, beta2)
         torch._foreach_addcmul_(b.exp_avg_sqs, grads, grads, 1 - beta2)
         for s in b.states:
             s["step"] += 1
 
-    # ---- phases 3 and 4: scores and selection ----
+    # ---- scores and selection ----
 
     def _consts(self, device: torch.device) -> tuple[Tensor, Tensor, dict[int, Tensor]]:
         """``numel`` and ``valid`` ``(M, E)`` and a 0/1 mask per param group, cached per device."""
@@ -267,18 +316,35 @@ class MoLFAdamW(Optimizer):
                                            torch.as_tensor(self._experts.valid.view(shape), device=device), masks)
         return self._device_consts[device]
 
-    def _route(self, buckets: list[_Bucket]) -> np.ndarray:
+    def _tensor_sums(self, b: _Bucket) -> Tensor:
+        """``(P,)`` fp32 score sums of the bucket's tensors, from this step's moments."""
+        if not self.fused:  # the moments are already updated; sqrt(v) is kept for the update
+            b.sqrts = torch._foreach_sqrt(b.exp_avg_sqs)
+            return self.score_fn.tensor_sums(b.exp_avgs, b.sqrts, SCORE_EPS)
+        beta1, beta2 = self.param_groups[b.group_index]["betas"]
+        backend = prepass.resolve_backend(self.score_backend, b.params[0].device)
+        if backend == "triton":
+            from molf.optim import triton_scores
+
+            b.plan = triton_scores.plan_for(b.plan, b.params, b.exp_avgs, b.exp_avg_sqs)
+            return triton_scores.tensor_sums(self.score_fn, b.plan, b.grads(), beta1, beta2)
+        if backend == "compile":
+            return prepass.compiled_tensor_sums(self.score_fn, b.grads(), b.exp_avgs, b.exp_avg_sqs, beta1, beta2)
+        if not isinstance(b.plan, prepass.EagerPlan):
+            b.plan = prepass.eager_plan([p.numel() for p in b.params], b.params[0].device)
+        return prepass.eager_tensor_sums(self.score_fn, b.plan, b.grads(), b.exp_avgs, b.exp_avg_sqs, beta1, beta2)
+
+    def _route(self, buckets: list[_Bucket]) -> tuple[np.ndarray, np.ndarray]:
         """Score every expert, pick the winners and copy them to the host (the step's one sync).
 
         Returns:
-            ``(M * E,)`` host bool array of winners.
+            ``(M * E,)`` host bool arrays: the winners and the experts with a non-finite score.
         """
         device = buckets[0].params[0].device
         numel, valid, group_masks = self._consts(device)
         sums = torch.zeros(numel.numel(), device=device)  # (M * E,)
         for b in buckets:
-            b.sqrts = torch._foreach_sqrt(b.exp_avg_sqs)  # kept: the update divides it in place
-            tensor_sums = self.score_fn.tensor_sums(b.exp_avgs, b.sqrts, SCORE_EPS)  # (P,)
+            tensor_sums = self._tensor_sums(b)  # (P,)
             if tensor_sums.device != device:  # a model spread over devices: gather the sums on the first
                 tensor_sums = tensor_sums.to(device, non_blocking=True)
             sums.index_add_(0, b.cell_index_on(device), tensor_sums)
@@ -290,9 +356,7 @@ class MoLFAdamW(Optimizer):
                                             self.param_groups[0]["molf_step"])
         # The one host-device sync of the step: winners and non-finite flags travel together.
         host = torch.stack([winners, valid & ~torch.isfinite(scores)]).cpu().numpy().reshape(2, -1)
-        if host[1].any():
-            self._reset_nonfinite(buckets, host[1])
-        return host[0]
+        return host[0], host[1]
 
     def _reset_nonfinite(self, buckets: list[_Bucket], bad: np.ndarray) -> None:
         """Zero the moments and step of experts whose score is non-finite (see the class docstring)."""
@@ -302,13 +366,17 @@ class MoLFAdamW(Optimizer):
                 torch._foreach_zero_(list(compress(b.exp_avgs, hit)))
                 torch._foreach_zero_(list(compress(b.exp_avg_sqs, hit)))
                 for s in compress(b.states, hit):
-                    s["step"] = 0.0
+                    if self.fused:
+                        s["step"].zero_()
+                    else:
+                        s["step"] = 0.0
         self.nonfinite_resets += int(bad.sum())
 
-    # ---- phase 5: update ----
+    # ---- update ----
 
-    def _update(self, b: _Bucket, mask: np.ndarray | None) -> None:
-        """AdamW on the bucket's winners (all of it for non-expert buckets), as torch's foreach AdamW."""
+    def _update(self, b: _Bucket, mask: np.ndarray | None, bad: np.ndarray | None) -> None:
+        """Foreach path: AdamW on the bucket's winners (all of it for non-expert buckets), as torch's
+        foreach AdamW. Non-finite experts never win, so ``bad`` needs nothing here."""
         group = self.param_groups[b.group_index]
         params, exp_avgs, states = b.params, b.exp_avgs, b.states
         if mask is not None:
@@ -319,6 +387,42 @@ class MoLFAdamW(Optimizer):
         else:
             sqrts = torch._foreach_sqrt(b.exp_avg_sqs)
         _adamw_apply(params, exp_avgs, sqrts, [s["step"] for s in states], group)
+
+    def _fused_update(self, b: _Bucket, mask: np.ndarray | None, bad: np.ndarray | None) -> None:
+        """Fused path: torch's fused AdamW kernel on the winners with the group's lr and weight decay,
+        and on the losers with both zero (moments and step only). Experts with a non-finite score are
+        left out (their state is reset afterwards): ``p - 0 * nan`` would not leave ``p`` unchanged."""
+        group = self.param_groups[b.group_index]
+        columns = (b.params, b.grads(), b.exp_avgs, b.exp_avg_sqs, b.steps)
+        if mask is None:
+            _fused_adamw(*columns, group, group["lr"], group["weight_decay"])
+            return
+        losers = ~mask & ~bad
+        for select, lr, wd in ((mask, group["lr"], group["weight_decay"]), (losers, 0.0, 0.0)):
+            if select.all():
+                _fused_adamw(*columns, group, lr, wd)
+            elif select.any():
+                _fused_adamw(*(list(compress(c, select)) for c in columns), group, lr, wd)
+
+
+def _as_step(step: float | Tensor, device: torch.device, fused: bool) -> float | Tensor:
+    """A step count in the form of the path: a float32 tensor on the parameter's device (fused, as
+    torch's fused AdamW keeps it) or a Python float (foreach)."""
+    if not fused:
+        return float(step)
+    if isinstance(step, Tensor):
+        return step.to(device=device, dtype=torch.float32)
+    return torch.tensor(float(step), dtype=torch.float32, device=device)
+
+
+def _fused_adamw(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], exp_avg_sqs: list[Tensor],
+                 steps: list[Tensor], group: dict, lr: float, weight_decay: float) -> None:
+    """``step += 1`` then one fused AdamW kernel, as ``torch.optim.AdamW(fused=True)`` does per device."""
+    beta1, beta2 = group["betas"]
+    torch._foreach_add_(steps, 1)
+    torch._fused_adamw_(params, grads, exp_avgs, exp_avg_sqs, [], steps, lr=lr, beta1=beta1, beta2=beta2,
+                        weight_decay=weight_decay, eps=group["eps"], amsgrad=False, maximize=False,
+                        grad_scale=None, found_inf=None)
 
 
 def _adamw_apply(params: list[Tensor], exp_avgs: list[Tensor], denom: list[Tensor], steps: list[float],

@@ -1,0 +1,145 @@
+"""Score pre-pass of the fused ``MoLFAdamW`` path: per-tensor score sums from the *would-be* moments.
+
+The fused path scores every expert before touching any state, from
+
+    m' = b1 m + (1 - b1) g          v' = b2 v + (1 - b2) g^2
+
+without writing ``m'`` or ``v'`` (the fused AdamW kernel recomputes and stores them afterwards), so
+each element of ``g``, ``m`` and ``v`` is read once here and once by the update. Backends:
+
+- ``eager``: multi-tensor (``torch._foreach_*``) ops over batches of flat views of at most
+  ``CHUNK`` elements, so the temporaries are bounded whatever the model size;
+- ``compile``: one ``torch.compile(dynamic=True)`` reduction per tensor (compiled once for all
+  shapes; opt-in, the first call compiles for tens of seconds);
+- ``triton``: one deterministic Triton launch per bucket on CUDA (``molf.optim.triton_scores``).
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from molf.optim.scores import SCORE_EPS, ScoreFn
+
+BACKENDS = ("auto", "eager", "compile", "triton")
+CHUNK = 1 << 20  # elements per eager batch: bounds the temporaries (4 x 4 MiB in fp32)
+
+
+@dataclass(frozen=True)
+class _Piece:
+    """A flat element range ``[start, stop)`` of tensor ``index`` of a bucket."""
+
+    index: int
+    start: int
+    stop: int
+
+
+@dataclass
+class EagerPlan:
+    """How a bucket's tensors are cut into bounded batches; built once per bucket.
+
+    ``batches`` lists the pieces of every batch; ``owners`` ``(num_pieces,)`` is the tensor index of
+    every piece in batch order, for the ``index_add_`` that sums the pieces of one tensor.
+    """
+
+    batches: list[list[_Piece]]
+    owners: Tensor
+    num_tensors: int
+
+
+def eager_plan(numels: list[int], device: torch.device, chunk: int = CHUNK) -> EagerPlan:
+    """Cut tensors of ``numels`` elements into pieces of at most ``chunk`` and pack them into batches."""
+    batches: list[list[_Piece]] = [[]]
+    filled = 0
+    for index, numel in enumerate(numels):
+        for start in range(0, numel, chunk):
+            stop = min(numel, start + chunk)
+            if filled + stop - start > chunk and batches[-1]:
+                batches.append([])
+                filled = 0
+            batches[-1].append(_Piece(index, start, stop))
+            filled += stop - start
+    owners = torch.tensor([p.index for batch in batches for p in batch], dtype=torch.int64, device=device)
+    return EagerPlan(batches, owners, len(numels))
+
+
+def _flat(t: Tensor, piece: _Piece, whole: bool) -> Tensor:
+    if whole:
+        return t
+    flat = t.view(-1) if t.is_contiguous() else t.reshape(-1)
+    return flat[piece.start:piece.stop]
+
+
+def eager_tensor_sums(score_fn: ScoreFn, plan: EagerPlan, grads: list[Tensor], exp_avgs: list[Tensor],
+                      exp_avg_sqs: list[Tensor], beta1: float, beta2: float) -> Tensor:
+    """Per-tensor score sums of the would-be moments, batch by batch.
+
+    Args:
+        score_fn: the routing score; its ``tensor_sums`` is applied to ``m'`` and ``sqrt(v')``.
+        plan: ``eager_plan`` of the tensors' element counts.
+        grads, exp_avgs, exp_avg_sqs: the bucket's gradients and (not yet updated) moments.
+        beta1, beta2: the group's Adam betas.
+
+    Returns:
+        ``(P,)`` fp32 sums, one per tensor.
+    """
+    piece_sums = []
+    for batch in plan.batches:
+        whole = [p.start == 0 and p.stop == grads[p.index].numel() for p in batch]
+        gs = [_flat(grads[p.index], p, w) for p, w in zip(batch, whole)]
+        ms = [_flat(exp_avgs[p.index], p, w) for p, w in zip(batch, whole)]
+        vs = [_flat(exp_avg_sqs[p.index], p, w) for p, w in zip(batch, whole)]
+        new_m = torch._foreach_lerp(ms, gs, 1 - beta1)  # same formula as the moment update
+        new_v = torch._foreach_mul(vs, beta2)
+        torch._foreach_addcmul_(new_v, gs, gs, 1 - beta2)
+        torch._foreach_sqrt_(new_v)
+        piece_sums.append(score_fn.tensor_sums(new_m, new_v, SCORE_EPS))
+    sums = torch.zeros(plan.num_tensors, dtype=torch.float32, device=plan.owners.device)
+    return sums.index_add_(0, plan.owners, torch.cat(piece_sums))
+
+
+@functools.lru_cache(maxsize=None)
+def _compiled_sum(score_fn: ScoreFn):
+    """One compiled reduction per score function; ``dynamic=True`` so every shape shares it."""
+
+    def tensor_sum(g: Tensor, m: Tensor, v: Tensor, beta1: float, beta2: float) -> Tensor:
+        new_m = torch.lerp(m, g, 1 - beta1)
+        new_v = v * beta2 + (1 - beta2) * g * g
+        return score_fn.tensor_sums([new_m], [torch.sqrt(new_v)], SCORE_EPS)
+
+    return torch.compile(tensor_sum, dynamic=True, fullgraph=True)
+
+
+def compiled_tensor_sums(score_fn: ScoreFn, grads: list[Tensor], exp_avgs: list[Tensor],
+                         exp_avg_sqs: list[Tensor], beta1: float, beta2: float) -> Tensor:
+    """``eager_tensor_sums`` with one compiled single-pass reduction per tensor (no temporaries)."""
+    fn = _compiled_sum(score_fn)
+    return torch.cat([fn(g.view(-1), m.view(-1), v.view(-1), beta1, beta2)
+                      for g, m, v in zip(grads, exp_avgs, exp_avg_sqs)])
+
+
+def resolve_backend(backend: str, device: torch.device) -> str:
+    """The pre-pass backend to run on ``device``: ``auto`` is Triton on CUDA when importable, else eager.
+
+    Raises:
+        ValueError: for ``triton`` off CUDA or without the ``triton`` package.
+    """
+    if backend == "auto":
+        return "triton" if device.type == "cuda" and triton_available() else "eager"
+    if backend == "triton" and not (device.type == "cuda" and triton_available()):
+        raise ValueError(f"score_backend='triton' needs CUDA parameters and the triton package (got {device}); "
+                         "use score_backend='auto' or 'eager'")
+    return backend
+
+
+@functools.lru_cache(maxsize=None)
+def triton_available() -> bool:
+    """Whether ``triton`` can be imported (it is not a dependency of molf)."""
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
