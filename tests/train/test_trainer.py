@@ -61,14 +61,15 @@ def test_gradient_accumulation_2x2_equals_batch_4(tmp_path, tokenizer):
 def test_resume_equals_uninterrupted_run(tmp_path, tokenizer):
     data = token_dataset(num_rows=32)
     common = dict(max_steps=6, save_strategy="steps", save_steps=3, save_total_limit=None, lora_dropout=0.1,
-                  lr_scheduler_type="cosine", warm_up_ratio=0.2)
+                  lr_scheduler_type="cosine", warm_up_ratio=0.2, report_to="json", logging_steps=1)
     full_cfg = make_cfg(tmp_path / "full", **common)
     full = train(full_cfg, small_model(), tokenizer, data)
     # A run killed after step 3's checkpoint, with routing lines past it (steps 4..6), resumes with "auto".
     cut_cfg = make_cfg(tmp_path / "cut", resume_from_checkpoint="auto", **common)
     cut_cfg.run_dir.mkdir(parents=True)
     shutil.copytree(full_cfg.run_dir / "checkpoint-3", cut_cfg.run_dir / "checkpoint-3")
-    shutil.copy(full_cfg.run_dir / "molf_routing.jsonl", cut_cfg.run_dir / "molf_routing.jsonl")
+    for name in ("molf_routing.jsonl", "metrics.jsonl"):
+        shutil.copy(full_cfg.run_dir / name, cut_cfg.run_dir / name)
     assert resolve_resume(cut_cfg).endswith("checkpoint-3")
     resumed = train(cut_cfg, small_model(), tokenizer, data, resume=resolve_resume(cut_cfg))
     assert resumed.state.global_step == 6
@@ -79,6 +80,8 @@ def test_resume_equals_uninterrupted_run(tmp_path, tokenizer):
     assert (cut_log.winners == full_log.winners).all()
     lines = (cut_cfg.run_dir / "molf_routing.jsonl").read_text().splitlines()
     assert [json.loads(line)["type"] for line in lines].count("header") == 1
+    metrics = [json.loads(line) for line in (cut_cfg.run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics if "loss" in m] == [1, 2, 3, 4, 5, 6]
 
 
 def test_routing_log_every_n_steps(tmp_path, tokenizer):

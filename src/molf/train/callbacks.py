@@ -47,10 +47,24 @@ class RoutingLogCallback(TrainerCallback):
 
 
 class JsonMetricsCallback(TrainerCallback):
-    """Appends every log dict (with its ``step``) as one line of ``<run_dir>/metrics.jsonl``, rank 0 only."""
+    """Appends every log dict (with its ``step``) as one line of ``<run_dir>/metrics.jsonl``, rank 0 only.
+
+    Like the routing log, a resumed run first drops the lines after its checkpoint's step.
+    """
 
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if state.is_world_process_zero and self.path.exists():
+            kept = []
+            for line in self.path.read_text(encoding="utf-8").splitlines(keepends=True):
+                try:
+                    if json.loads(line).get("step", 0) <= state.global_step:
+                        kept.append(line)
+                except json.JSONDecodeError:
+                    break  # a torn last line of a killed run
+            self.path.write_text("".join(kept), encoding="utf-8")
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if not state.is_world_process_zero or not logs:
