@@ -73,3 +73,12 @@ def test_param_buckets(tmp_path):
     lora = count_parameters(build.apply_mode(small_model(), make_cfg(tmp_path, "lora")))
     assert lora["all"]["trainable"] == lora["lora_experts"]["total"] == lora["lora_experts"]["trainable"]
     assert lora["base_weight"]["total"] == base["base_weight"]["total"]
+
+
+@pytest.mark.parametrize("rank, rslora, alpha", [(32, True, 11.0), (16, True, 8.0), (16, False, 32.0)])
+def test_peft_lora_config_uses_the_reference_alpha(tmp_path, rank, rslora, alpha):
+    from molf.model.lora_peft import lora_config
+
+    cfg = make_cfg(tmp_path, "lora", lora_rank=rank, use_rslora=rslora, lora_dropout=0.05)
+    peft_cfg = lora_config(cfg)
+    assert (peft_cfg.r, peft_cfg.lora_alpha, peft_cfg.use_rslora, peft_cfg.lora_dropout) == (rank, alpha, rslora, 0.05)
