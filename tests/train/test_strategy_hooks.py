@@ -111,3 +111,33 @@ def test_extra_loss_is_added_once_per_optimizer_step(tmp_path, tokenizer, accumu
     a = [h["loss"] for h in plain.state.log_history if "loss" in h]
     b = [h["loss"] for h in shifted.state.log_history if "loss" in h]
     assert b == pytest.approx([x + 1.0 for x in a], abs=1e-4)
+
+
+def test_phased_strategy_resumes_into_its_phase(tmp_path, tokenizer):
+    """A checkpoint taken after a phase change resumes with that phase's optimizer (and equal weights)."""
+    import shutil
+
+    from molf.train.build import align_strategy_with_checkpoint, attach_strategy, resolve_resume
+
+    phases = [{"step": 0, "trainable": ["router", "lora"]}, {"step": 2, "trainable": ["lora", "base_ffn"]}]
+    common = dict(max_steps=5, save_strategy="steps", save_steps=3, save_total_limit=None, num_experts=2,
+                  expert_top_k=1, lora_rank=4, phases=phases)
+
+    def trained(cfg, checkpoint=None):
+        model = small_model()
+        runtime = attach_strategy(model, cfg)
+        trainer = build_trainer(cfg, model, tokenizer, token_dataset(num_rows=32), SFTCollator(tokenizer),
+                                strategy_runtime=runtime)
+        align_strategy_with_checkpoint(runtime, trainer.model, checkpoint)
+        trainer.train(resume_from_checkpoint=checkpoint)
+        return trainer
+
+    full_cfg = make_cfg(tmp_path / "full", "moe_expert_lora", **common)
+    full = trained(full_cfg)
+    cut_cfg = make_cfg(tmp_path / "cut", "moe_expert_lora", resume_from_checkpoint="auto", **common)
+    shutil.copytree(full_cfg.run_dir / "checkpoint-3", cut_cfg.run_dir / "checkpoint-3")
+    resumed = trained(cut_cfg, resolve_resume(cut_cfg))
+    assert {g["kind"] for g in resumed.torch_optimizer.param_groups} == {"lora", "base_ffn"}
+    expected = full.model.state_dict()
+    for key, value in resumed.model.state_dict().items():
+        torch.testing.assert_close(value, expected[key], atol=0, rtol=0, msg=key)
