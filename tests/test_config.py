@@ -94,6 +94,11 @@ def test_parsing_creates_nothing_on_disk(tmp_path, monkeypatch):
 def test_ignored_knob_warns():
     with pytest.warns(UserWarning, match="--lora_rank is ignored in mode molf"):
         TrainingConfig(mode="molf", lora_rank=8)
+    with pytest.warns(UserWarning, match="--num_experts is ignored in mode fft"):
+        TrainingConfig(mode="fft", num_experts=8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        TrainingConfig(mode="molf", learning_rate=1e-4, lora_learning_rate=1e-4)  # nothing ignored: no warning
 
 
 VARIATIONS = {

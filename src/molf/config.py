@@ -111,6 +111,8 @@ class TrainingConfig(TrainConfig, DataConfig, EvalConfig, OptimConfig, MoLFConfi
             "molf": ("lora_rank",),
             "molf_e": ("lora_rank",) + (("learning_rate", "weight_decay") if self.molf_freeze_non_linear else ()),
         }.get(self.mode, ())
+        if self.mode not in STRATEGY_MODES:
+            ignored += tuple(f.name for f in dataclasses.fields(StrategyConfig))
         for name in ignored:
             if getattr(self, name) != getattr(defaults, name):
                 messages.append(f"--{name} is ignored in mode {self.mode}")
