@@ -326,8 +326,10 @@ class MoLFAdamW(Optimizer):
         if backend == "triton":
             from molf.optim import triton_scores
 
-            b.plan = triton_scores.plan_for(b.plan, b.params, b.exp_avgs, b.exp_avg_sqs)
-            return triton_scores.tensor_sums(self.score_fn, b.plan, b.grads(), beta1, beta2)
+            grads = b.grads()
+            if triton_scores.supports(self.score_fn, b.params, grads):
+                b.plan = triton_scores.plan_for(b.plan, b.params, b.exp_avgs, b.exp_avg_sqs)
+                return triton_scores.tensor_sums(self.score_fn, b.plan, grads, beta1, beta2)
         if backend == "compile":
             return prepass.compiled_tensor_sums(self.score_fn, b.grads(), b.exp_avgs, b.exp_avg_sqs, beta1, beta2)
         if not isinstance(b.plan, prepass.EagerPlan):

@@ -107,8 +107,10 @@ def _compiled_sum(score_fn: ScoreFn):
 
     def tensor_sum(g: Tensor, m: Tensor, v: Tensor, beta1: float, beta2: float) -> Tensor:
         new_m = torch.lerp(m, g, 1 - beta1)
-        new_v = v * beta2 + (1 - beta2) * g * g
-        return score_fn.tensor_sums([new_m], [torch.sqrt(new_v)], SCORE_EPS)
+        sqrt_v = torch.sqrt(v * beta2 + (1 - beta2) * g * g)
+        if score_fn.term is None:
+            return score_fn.tensor_sums([new_m], [sqrt_v], SCORE_EPS)
+        return score_fn.term(new_m, sqrt_v, SCORE_EPS).sum(dtype=torch.float32).view(1)
 
     return torch.compile(tensor_sum, dynamic=True, fullgraph=True)
 

@@ -5,7 +5,9 @@ module with a few multi-tensor kernels and no host sync:
 
 - ``tensor_sums(exp_avgs, exp_avg_sq_sqrts, eps_s) -> Tensor[P]``: one fp32 sum per tensor;
 - ``combine(sums[M, E], numel[M, E], lr[M, E]) -> scores[M, E]``: the per-expert score from the sums
-  of all the expert's tensors, its element count ``N_e`` and its scheduled learning rate.
+  of all the expert's tensors, its element count ``N_e`` and its scheduled learning rate;
+- optionally ``term(m, sqrt_v, eps_s) -> Tensor``: the elementwise terms whose sum ``tensor_sums``
+  computes, as plain tensor ops, for the compiled single-pass score (``score_backend="compile"``).
 
 Both use the *uncorrected* moments ``m``, ``v`` and ``eps_s = 1e-8``:
 
@@ -36,6 +38,7 @@ class ScoreFn:
     name: str
     tensor_sums: TensorSums
     combine: Combine
+    term: Callable[[Tensor, Tensor, float], Tensor] | None = None
 
 
 def _ratio(exp_avgs: list[Tensor], sqrts: list[Tensor], eps_s: float) -> list[Tensor]:
@@ -79,8 +82,19 @@ def register_score(fn: ScoreFn) -> ScoreFn:
     return fn
 
 
-register_score(ScoreFn("true_projected", epd_tensor_sums, epd_combine))
-register_score(ScoreFn("projected", pfn_tensor_sums, pfn_combine))
+def epd_term(m: Tensor, sqrt_v: Tensor, eps_s: float) -> Tensor:
+    """Elementwise ``m^2 / (sqrt(v) + eps_s)``."""
+    return m * m / (sqrt_v + eps_s)
+
+
+def pfn_term(m: Tensor, sqrt_v: Tensor, eps_s: float) -> Tensor:
+    """Elementwise ``(m / (sqrt(v) + eps_s))^2``."""
+    ratio = m / (sqrt_v + eps_s)
+    return ratio * ratio
+
+
+register_score(ScoreFn("true_projected", epd_tensor_sums, epd_combine, epd_term))
+register_score(ScoreFn("projected", pfn_tensor_sums, pfn_combine, pfn_term))
 
 
 def get_score_fn(name: str) -> ScoreFn:
