@@ -1,13 +1,14 @@
 """Benchmark one optimizer step: MoLFAdamW vs torch AdamW (fused and foreach) over the same parameters.
 
 For each hidden size, LoRA rank and routing regime, a 4-layer Qwen2-shaped model is wrapped with one
-FFT and one LoRA expert per linear; fixed random gradients are set once and the three optimizers
-step the same parameters in one process, repetitions interleaved, after a warm-up. The routing
+FFT and one LoRA expert per linear; fixed random gradients are set once and every optimizer (MoLFAdamW
+fused with each score backend, MoLFAdamW foreach, AdamW fused, AdamW foreach) steps the same
+parameters in one process, repetitions interleaved, after a warm-up. One CSV row per MoLF variant. The routing
 regime is forced through the learning rates (EPD is proportional to the expert's lr): ``fft`` sets
 the LoRA lr 1000x below the FFT lr, ``lora`` the reverse; the measured FFT win share is reported.
 
-    python scripts/bench_optimizer.py --device cpu --threads 2
-    python scripts/bench_optimizer.py --device cuda
+    python scripts/bench_optimizer.py --device cpu --threads 2 --backends eager compile
+    python scripts/bench_optimizer.py --device cuda          # fused path with the Triton pre-pass
 
 Writes ``results/bench_optimizer.csv`` (median ms per ``step()``, ratios, host syncs per step).
 """
@@ -25,12 +26,12 @@ import torch
 
 from molf.model import LoRAConfig, MoLFConfig, wrap_model_with_molf
 from molf.model.tiny import build_tiny_model
-from molf.optim import MoLFAdamW, OptimConfig, build_param_groups
+from molf.optim import MoLFAdamW, OptimConfig, build_param_groups, prepass
 from molf.testing import count_host_syncs
 
 BASE_LR = 1e-4
-COLUMNS = ["device", "threads", "hidden", "lora_rank", "regime", "fft_win_share", "num_params", "num_modules",
-           "molf_ms", "adamw_fused_ms", "adamw_foreach_ms", "ratio_vs_fused", "ratio_vs_foreach",
+COLUMNS = ["device", "threads", "hidden", "lora_rank", "regime", "molf_path", "score_backend", "fft_win_share",
+           "num_params", "num_modules", "molf_ms", "adamw_fused_ms", "adamw_foreach_ms", "ratio_vs_fused", "ratio_vs_foreach",
            "molf_host_syncs_per_step", "reps"]
 
 
@@ -51,14 +52,16 @@ def build_model(hidden: int, rank: int, vocab: int, device: torch.device) -> tor
     return model
 
 
-def make_optimizers(model: torch.nn.Module, regime: str) -> dict[str, torch.optim.Optimizer]:
+def make_optimizers(model: torch.nn.Module, regime: str, backends: list[str]) -> dict[str, torch.optim.Optimizer]:
+    """``molf_fused_<backend>`` for each backend, ``molf_foreach``, ``adamw_fused``, ``adamw_foreach``."""
     fft_lr, lora_lr = (BASE_LR, BASE_LR * 1e-3) if regime == "fft" else (BASE_LR * 1e-3, BASE_LR)
     cfg = OptimConfig(learning_rate=fft_lr, lora_learning_rate=lora_lr, weight_decay=0.01, lora_weight_decay=0.01)
-    return {
-        "molf": MoLFAdamW.from_config(model, cfg),
-        "adamw_fused": torch.optim.AdamW(build_param_groups(model, cfg), fused=True),
-        "adamw_foreach": torch.optim.AdamW(build_param_groups(model, cfg), foreach=True),
-    }
+    optimizers: dict[str, torch.optim.Optimizer] = {
+        f"molf_fused_{b}": MoLFAdamW.from_config(model, cfg, fused=True, score_backend=b) for b in backends}
+    optimizers["molf_foreach"] = MoLFAdamW.from_config(model, cfg, fused=False)
+    optimizers["adamw_fused"] = torch.optim.AdamW(build_param_groups(model, cfg), fused=True)
+    optimizers["adamw_foreach"] = torch.optim.AdamW(build_param_groups(model, cfg), foreach=True)
+    return optimizers
 
 
 def _sync(device: torch.device) -> None:
@@ -80,23 +83,33 @@ def time_steps(optimizers: dict, device: torch.device, warmup: int, reps: int) -
     return {name: statistics.median(values) for name, values in times.items()}
 
 
-def bench_row(hidden: int, rank: int, regime: str, args: argparse.Namespace, device: torch.device) -> dict:
+def bench_rows(hidden: int, rank: int, regime: str, args: argparse.Namespace, device: torch.device) -> list[dict]:
+    """One row per MoLF variant of this configuration, all timed in the same interleaved loop."""
     model = build_model(hidden, rank, args.vocab, device)
-    optimizers = make_optimizers(model, regime)
-    molf = optimizers["molf"]
-    with count_host_syncs() as syncs:
-        molf.step()
+    optimizers = make_optimizers(model, regime, args.backends)
+    molfs = {name: o for name, o in optimizers.items() if name.startswith("molf")}
+    syncs = {}
+    for name, molf in molfs.items():
+        molf.step()  # first step: state allocation (and compilation) happen outside the count
+        with count_host_syncs() as counter:
+            molf.step()
+        syncs[name] = counter.count
     ms = time_steps(optimizers, device, args.warmup, args.reps)
-    winners = molf.last_routing.winners
-    return dict(device=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-                threads=torch.get_num_threads(), hidden=hidden, lora_rank=rank, regime=regime,
-                fft_win_share=round(winners[:, 0].float().mean().item(), 3),
-                num_params=sum(p.numel() for p in model.parameters()), num_modules=len(molf.module_names),
-                molf_ms=round(ms["molf"], 3), adamw_fused_ms=round(ms["adamw_fused"], 3),
-                adamw_foreach_ms=round(ms["adamw_foreach"], 3),
-                ratio_vs_fused=round(ms["molf"] / ms["adamw_fused"], 3),
-                ratio_vs_foreach=round(ms["molf"] / ms["adamw_foreach"], 3),
-                molf_host_syncs_per_step=syncs.count, reps=args.reps)
+    rows = []
+    for name, molf in molfs.items():
+        winners = molf.last_routing.winners
+        rows.append(dict(
+            device=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+            threads=torch.get_num_threads(), hidden=hidden, lora_rank=rank, regime=regime,
+            molf_path="fused" if molf.fused else "foreach",
+            score_backend=prepass.resolve_backend(molf.score_backend, device) if molf.fused else "-",
+            fft_win_share=round(winners[:, 0].float().mean().item(), 3),
+            num_params=sum(p.numel() for p in model.parameters()), num_modules=len(molf.module_names),
+            molf_ms=round(ms[name], 3), adamw_fused_ms=round(ms["adamw_fused"], 3),
+            adamw_foreach_ms=round(ms["adamw_foreach"], 3), ratio_vs_fused=round(ms[name] / ms["adamw_fused"], 3),
+            ratio_vs_foreach=round(ms[name] / ms["adamw_foreach"], 3), molf_host_syncs_per_step=syncs[name],
+            reps=args.reps))
+    return rows
 
 
 def main() -> None:
@@ -109,6 +122,8 @@ def main() -> None:
     parser.add_argument("--vocab", type=int, default=8192, help="vocabulary size (small so the experts dominate)")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--reps", type=int, default=15)
+    parser.add_argument("--backends", nargs="+", default=["auto"], choices=list(prepass.BACKENDS),
+                        help="score pre-pass backends of the fused MoLF rows (auto: triton on CUDA, eager on CPU)")
     parser.add_argument("--out", type=Path, default=Path("results/bench_optimizer.csv"))
     args = parser.parse_args()
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -123,10 +138,10 @@ def main() -> None:
         for hidden in args.hidden:
             for rank in args.ranks:
                 for regime in args.regimes:
-                    row = bench_row(hidden, rank, regime, args, device)
-                    writer.writerow(row)
+                    for row in bench_rows(hidden, rank, regime, args, device):
+                        writer.writerow(row)
+                        print(", ".join(f"{k}={row[k]}" for k in COLUMNS[2:]), flush=True)
                     handle.flush()
-                    print(", ".join(f"{k}={row[k]}" for k in COLUMNS[2:]), flush=True)
 
 
 if __name__ == "__main__":
