@@ -16,12 +16,18 @@ pytestmark = pytest.mark.integration
 def test_two_ranks_route_identically_and_agree_on_weights(tmp_path):
     worker = Path(__file__).with_name("ddp_worker.py")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    result = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone", str(worker),
-         str(tmp_path)],
-        env=env, capture_output=True, text=True, timeout=300,
-    )
-    assert result.returncode == 0, result.stderr[-4000:]
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(worker),
+               str(tmp_path)]
+    launcher = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        _, stderr = launcher.communicate(timeout=240)
+    except subprocess.TimeoutExpired:
+        # SIGTERM, not SIGKILL: torchrun then stops its workers (they live in their own sessions and
+        # would outlive a killed launcher).
+        launcher.terminate()
+        _, stderr = launcher.communicate(timeout=60)
+        pytest.fail(f"torchrun did not finish in 240 s:\n{stderr[-4000:]}")
+    assert launcher.returncode == 0, stderr[-4000:]
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1)]
     # 16 rows, 2 per device, 2 ranks: the distributed sampler gives 4 optimizer steps, not 8.
     assert [r["world"] for r in ranks] == [2, 2]
