@@ -31,12 +31,14 @@ def evaluate(cfg: TrainingConfig, model, tokenizer) -> None:
 
 
 def only_eval(cfg: TrainingConfig) -> None:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
+
+    from molf.train.export import load_final
 
     final = cfg.run_dir / "final"
     if not final.is_dir():
         raise FileNotFoundError(f"--only_eval needs a trained model at {final}; train this config first")
-    evaluate(cfg, AutoModelForCausalLM.from_pretrained(final), AutoTokenizer.from_pretrained(final))
+    evaluate(cfg, load_final(final, cfg), AutoTokenizer.from_pretrained(final))
 
 
 def train(cfg: TrainingConfig) -> None:

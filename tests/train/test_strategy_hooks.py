@@ -141,3 +141,23 @@ def test_phased_strategy_resumes_into_its_phase(tmp_path, tokenizer):
     expected = full.model.state_dict()
     for key, value in resumed.model.state_dict().items():
         torch.testing.assert_close(value, expected[key], atol=0, rtol=0, msg=key)
+
+
+@pytest.mark.parametrize("mode", ["mixture_lora", "moe_expert_lora", "dense_lora"])
+def test_final_strategy_checkpoint_reloads_with_the_same_logits(mode, tmp_path, tokenizer):
+    from molf.model.tiny import QWEN25_VOCAB_SIZE
+    from molf.train.build import attach_strategy
+    from molf.train.export import load_final, save_final
+
+    cfg = make_cfg(tmp_path, mode, max_steps=3, num_experts=2, expert_top_k=1, lora_rank=4,
+                   learning_rate=1e-2, lora_learning_rate=1e-2)
+    model = small_model(vocab_size=QWEN25_VOCAB_SIZE)  # the Trainer writes the tokenizer's special ids
+    runtime = attach_strategy(model, cfg)
+    trainer = build_trainer(cfg, model, tokenizer, token_dataset(), SFTCollator(tokenizer), strategy_runtime=runtime)
+    trainer.train()
+    final, merged = save_final(trainer.model, tokenizer, cfg, runtime)
+    inputs = torch.randint(0, 128, (2, 10), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expected = merged.eval()(input_ids=inputs).logits
+        got = load_final(final, cfg).eval()(input_ids=inputs).logits
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
