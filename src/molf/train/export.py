@@ -24,16 +24,16 @@ def merged_model(model: nn.Module, cfg: Any, run_dir: Path, strategy_runtime: Op
     """The trained model as a vanilla transformers model (adapters saved on the way where the mode has them).
 
     ``mixture_lora`` and ``moe_expert_lora`` keep their routed modules (unless a handoff merged them
-    away): their checkpoint reloads with ``molf.model.strategies.rebuild_strategy_structure``.
+    away): their checkpoint reloads with ``load_final``.
 
     Raises:
         RuntimeError: if a wrapper survives the merge (a wrapped model is never saved as final).
     """
-    if strategy_runtime is not None:
-        if cfg.mode == "dense_lora":
-            from molf.model.peft_export import save_peft_adapter
+    from molf.model.peft_export import save_peft_adapter
 
-            save_peft_adapter(model, run_dir / ADAPTER_DIR, base_model_name_or_path=cfg.model_name_or_path)
+    if cfg.mode in ("dense_lora", "molf_e"):  # PEFT format: MoLF-E's experts fold into one adapter per module
+        save_peft_adapter(model, run_dir / ADAPTER_DIR, base_model_name_or_path=cfg.model_name_or_path)
+    if strategy_runtime is not None:
         model = strategy_runtime.export(model)
         if cfg.mode != "dense_lora":
             return model
@@ -42,8 +42,6 @@ def merged_model(model: nn.Module, cfg: Any, run_dir: Path, strategy_runtime: Op
 
         model = save_adapter_and_merge(model, run_dir / ADAPTER_DIR)
     elif cfg.mode in ("molf", "molf_e"):
-        if cfg.mode == "molf_e":
-            _save_molf_e_adapter(model, cfg, run_dir / ADAPTER_DIR)
         from molf.model.wrap import merge_and_unwrap
 
         model = merge_and_unwrap(model)
@@ -51,13 +49,6 @@ def merged_model(model: nn.Module, cfg: Any, run_dir: Path, strategy_runtime: Op
         raise RuntimeError(f"merging the {cfg.mode} model left adapter wrappers in place; refusing to save it "
                            "as a vanilla checkpoint")
     return model
-
-
-def _save_molf_e_adapter(model: nn.Module, cfg: Any, adapter_dir: Path) -> None:
-    """PEFT-format adapter of a MoLF-E model (its LoRA experts folded into one adapter per module)."""
-    from molf.model.peft_export import save_peft_adapter
-
-    save_peft_adapter(model, adapter_dir, base_model_name_or_path=cfg.model_name_or_path)
 
 
 def save_final(model: nn.Module, tokenizer: Any, cfg: Any,
