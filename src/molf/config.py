@@ -31,7 +31,7 @@ _NOT_IDENTITY = frozenset({
     "save_total_limit", "clean_ckpt_at_end", "only_eval", "validate_only", "preflight",
     "resume_from_checkpoint", "dataloader_num_workers", "routing_log_every", "gradient_checkpointing",
     "attn_implementation", "eval_data_path", "do_eval", "num_eval_samples", "eval_batch_size",
-    "max_new_tokens", "results_dir",
+    "max_new_tokens", "results_dir", "sql_timeout_s", "spider_databases_dir",
 })
 _MOLF_FIELDS = ("molf_lora_ranks", "molf_fft", "molf_freeze_non_linear", "molf_target_modules",
                 "molf_exclude_modules", "molf_score_fn", "molf_topk")
