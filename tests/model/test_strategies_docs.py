@@ -1,4 +1,4 @@
-"""The README section's YAML examples validate, and its summary line is what the runtime prints."""
+"""The README's strategy section: its YAML examples validate, and its summary line is what the runtime prints."""
 
 from __future__ import annotations
 
@@ -11,12 +11,20 @@ from conftest import REPO_ROOT, small_model
 
 from molf.model.strategies import StrategyLoRAConfig, apply_strategy, validate_strategy
 
-DOC = REPO_ROOT / "docs" / "readme" / "60-strategies.md"
+README = REPO_ROOT / "README.md"
+SECTION = "## LoRA-strategy variants"
 STRATEGY_KEYS = set(StrategyLoRAConfig.__dataclass_fields__)
 
 
+def _section() -> str:
+    text = README.read_text()
+    start = text.index(SECTION)
+    end = text.find("\n## ", start + len(SECTION))
+    return text[start:end if end != -1 else len(text)]
+
+
 def _examples() -> list[dict]:
-    blocks = re.findall(r"```yaml\n(.*?)```", DOC.read_text(), flags=re.S)
+    blocks = re.findall(r"```yaml\n(.*?)```", _section(), flags=re.S)
     return [yaml.safe_load(block) for block in blocks]
 
 
@@ -41,7 +49,7 @@ def test_examples_parse_as_training_configs(tmp_path, index):
     from molf.config import parse_config
 
     path = tmp_path / "example.yaml"
-    path.write_text(DOC.read_text().split("```yaml\n")[index + 1].split("```")[0])
+    path.write_text(_section().split("```yaml\n")[index + 1].split("```")[0])
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # a strategy warning would fail the example
         cfg = parse_config(["--config_path", str(path), "--validate_only", "True"])
@@ -51,4 +59,4 @@ def test_examples_parse_as_training_configs(tmp_path, index):
 def test_summary_line_in_the_doc_is_real():
     example = _examples()[1]
     runtime = apply_strategy(small_model("qwen2"), _strategy_cfg(example), example["mode"])
-    assert f"`{runtime.summary()}`" in DOC.read_text().replace("\n", " ")
+    assert f"`{runtime.summary()}`" in _section().replace("\n", " ")
