@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import sys
+from pathlib import Path
 from typing import Optional, Sequence
 
 from molf.config import TrainingConfig, parse_config
@@ -18,6 +19,15 @@ IS_MAIN_RANK = int(os.environ.get("RANK", "0")) == 0
 def say(*args) -> None:
     if IS_MAIN_RANK:
         print(*args, flush=True)
+
+
+def check_local_paths(cfg: TrainingConfig) -> None:
+    """Fail before any model is loaded when a local data path is missing."""
+    for flag in ("data_path", "eval_data_path"):
+        value = getattr(cfg, flag)
+        if value is not None and not Path(value).exists():
+            raise FileNotFoundError(f"--{flag} {value} does not exist; pass an existing file or directory "
+                                    "(or omit it to load the hub dataset)")
 
 
 def evaluate(cfg: TrainingConfig, model, tokenizer) -> None:
@@ -85,7 +95,8 @@ def train(cfg: TrainingConfig) -> None:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         cfg = parse_config(argv)
-    except ValueError as err:
+        check_local_paths(cfg)
+    except (ValueError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     say(f"run directory: {cfg.run_dir}")

@@ -45,6 +45,17 @@ def test_invalid_flags_exit_2_with_the_fix(tmp_path, capsys):
     assert not (tmp_path / "runs").exists()
 
 
+def test_missing_data_path_exits_2_before_loading_a_model(tmp_path, capsys, monkeypatch):
+    script = load_script("train")
+    monkeypatch.setattr(script, "train", lambda cfg: pytest.fail("train() ran despite a missing data path"))
+    missing = tmp_path / "nowhere.jsonl"
+    argv = flags(tmp_path)
+    argv[argv.index("--data_path") + 1] = str(missing)
+    assert script.main(argv) == 2
+    assert f"--data_path {missing} does not exist" in capsys.readouterr().err
+    assert not (tmp_path / "runs").exists()
+
+
 def test_preflight_prints_counts_and_trains_nothing(tmp_path, capsys):
     assert load_script("train").main(flags(tmp_path, "--preflight", "True")) == 0
     out = capsys.readouterr().out
