@@ -8,7 +8,7 @@ regime is forced through the learning rates (EPD is proportional to the expert's
 the LoRA lr 1000x below the FFT lr, ``lora`` the reverse; the measured FFT win share is reported.
 
     python scripts/bench_optimizer.py --device cpu --threads 2 --backends eager compile
-    python scripts/bench_optimizer.py --device cuda          # fused path with the Triton pre-pass
+    python scripts/bench_optimizer.py --device cuda --backends eager triton
 
 Writes ``results/bench_optimizer.csv`` (median ms per ``step()``, ratios, host syncs per step).
 """
@@ -123,7 +123,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--reps", type=int, default=15)
     parser.add_argument("--backends", nargs="+", default=["auto"], choices=list(prepass.BACKENDS),
-                        help="score pre-pass backends of the fused MoLF rows (auto: triton on CUDA, eager on CPU)")
+                        help="score pre-pass backends of the fused MoLF rows (auto = eager)")
     parser.add_argument("--out", type=Path, default=Path("results/bench_optimizer.csv"))
     args = parser.parse_args()
     if args.device == "cuda" and not torch.cuda.is_available():

@@ -31,10 +31,10 @@ _NOT_IDENTITY = frozenset({
     "save_total_limit", "clean_ckpt_at_end", "only_eval", "validate_only", "preflight",
     "resume_from_checkpoint", "dataloader_num_workers", "routing_log_every", "gradient_checkpointing",
     "attn_implementation", "eval_data_path", "do_eval", "num_eval_samples", "eval_batch_size",
-    "max_new_tokens", "results_dir", "sql_timeout_s", "spider_databases_dir",
+    "max_new_tokens", "results_dir", "sql_timeout_s", "spider_databases_dir", "molf_score_backend",
 })
 _MOLF_FIELDS = ("molf_lora_ranks", "molf_fft", "molf_freeze_non_linear", "molf_target_modules",
-                "molf_exclude_modules", "molf_score_fn", "molf_topk")
+                "molf_exclude_modules", "molf_score_fn", "molf_topk", "molf_score_backend")
 _SCORE_TAGS = {"true_projected": "epd", "projected": "pfn"}
 
 
@@ -71,7 +71,7 @@ class TrainingConfig(TrainConfig, DataConfig, EvalConfig, OptimConfig, MoLFConfi
         changed = [name for name in _MOLF_FIELDS if getattr(self, name) != getattr(defaults, name)]
         if changed:
             raise ValueError(
-                f"{', '.join(changed)} only apply to --mode molf / molf_e, but mode is {self.mode!r}: "
+                f"{', '.join(changed)}: MoLF flags, used only by --mode molf / molf_e (mode is {self.mode!r}); "
                 "remove these flags or change --mode"
             )
         if self.mode in STRATEGY_MODES:

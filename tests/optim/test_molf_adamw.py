@@ -258,3 +258,15 @@ def test_bad_score_backend_raises():
     model(ids, labels=ids).loss.backward()
     with pytest.raises(ValueError, match="triton"):
         optimizer.step()
+
+
+def test_config_score_backend_reaches_the_optimizer_and_auto_is_eager():
+    from dataclasses import replace
+
+    from molf.optim.prepass import resolve_backend
+
+    model = _molf_model()
+    assert MoLFAdamW.from_config(model, replace(OPTIM, molf_score_backend="eager")).score_backend == "eager"
+    assert MoLFAdamW.from_config(model, OPTIM, score_backend="compile").score_backend == "compile"
+    assert resolve_backend("auto", torch.device("cpu")) == "eager"
+    assert resolve_backend("auto", torch.device("cuda")) == "eager"

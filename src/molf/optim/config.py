@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 ScoreName = Literal["true_projected", "projected"]
+ScoreBackend = Literal["auto", "eager", "compile", "triton"]
 
 
 @dataclass
@@ -26,6 +27,9 @@ class OptimConfig:
     # Routing: EPD (true_projected, Eq. 10) or PFN (projected, Eq. 11); top-K experts per module.
     molf_score_fn: ScoreName = "true_projected"
     molf_topk: int = 1
+    # How MoLFAdamW's fused path computes the scores: auto (= eager), eager, compile (torch.compile,
+    # fastest on CPU, compiles on the first step), triton (CUDA; validated in Triton's interpreter).
+    molf_score_backend: ScoreBackend = "auto"
 
     def __post_init__(self) -> None:
         for name in ("learning_rate", "lora_learning_rate", "weight_decay", "lora_weight_decay", "adam_epsilon"):

@@ -135,9 +135,9 @@ class MoLFAdamW(Optimizer):
         topk: experts updated per module per step.
         fused: ``None`` picks the fused path when torch's fused AdamW supports every parameter's
             device and dtype, ``True`` requires it, ``False`` uses the foreach path.
-        score_backend: the fused path's score pre-pass: ``auto`` (Triton on CUDA when installed,
-            else eager), ``eager``, ``compile`` (``torch.compile``; compiles on the first step) or
-            ``triton`` (CUDA only).
+        score_backend: the fused path's score pre-pass: ``auto`` (= ``eager``), ``eager``,
+            ``compile`` (``torch.compile``; compiles on the first step) or ``triton`` (CUDA only;
+            opt-in until validated on GPU hardware).
 
     Raises:
         ValueError: for invalid hyper-parameters, an unknown score or backend, ``fused=True`` on
@@ -186,9 +186,12 @@ class MoLFAdamW(Optimizer):
     def from_config(cls, model: nn.Module, cfg, **kwargs) -> "MoLFAdamW":
         """Build the optimizer of ``model`` from an ``OptimConfig`` (or a ``TrainingConfig``).
 
-        ``kwargs`` (``fused``, ``score_backend``) go to the constructor.
+        ``kwargs`` (``fused``, ``score_backend``) go to the constructor; ``score_backend`` defaults to
+        ``cfg.molf_score_backend`` when the config has one.
         """
         from molf.optim.param_groups import build_param_groups
+
+        kwargs.setdefault("score_backend", getattr(cfg, "molf_score_backend", "auto"))
 
         return cls(build_param_groups(model, cfg), model, lr=cfg.learning_rate,
                    betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_epsilon,

@@ -124,13 +124,16 @@ def compiled_tensor_sums(score_fn: ScoreFn, grads: list[Tensor], exp_avgs: list[
 
 
 def resolve_backend(backend: str, device: torch.device) -> str:
-    """The pre-pass backend to run on ``device``: ``auto`` is Triton on CUDA when importable, else eager.
+    """The pre-pass backend to run on ``device``: ``auto`` is ``eager`` on every device.
+
+    The Triton kernel is opt-in until it has been validated on GPU hardware (it is tested in Triton's
+    interpreter on CPU and by the ``gpu``-marked tests).
 
     Raises:
         ValueError: for ``triton`` off CUDA or without the ``triton`` package.
     """
     if backend == "auto":
-        return "triton" if device.type == "cuda" and triton_available() else "eager"
+        return "eager"
     if backend == "triton" and not (device.type == "cuda" and triton_available()):
         raise ValueError(f"score_backend='triton' needs CUDA parameters and the triton package (got {device}); "
                          "use score_backend='auto' or 'eager'")
