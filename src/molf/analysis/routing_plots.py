@@ -48,17 +48,23 @@ def plot_share_by_type(log: RoutingLog, path: Path) -> Path:
         style = dict(color="black", linewidth=2.5) if column == "all" else dict(linewidth=1.3)
         ax.plot(smooth.index, smooth[column], label="all modules" if column == "all" else column, **style)
     label = focus_label(log)
-    title = f"Share of modules routed to {label}, by module type"
+    return _save_share_lines(fig, ax, path, f"Share of modules routed to {label}, by module type", window,
+                             ylabel=f"{_short(label)} share", legend_title="module type")
+
+
+
+def _save_share_lines(fig: Figure, ax, path: Path, title: str, window: int, ylabel: str,
+                      legend_title: str) -> Path:
+    """Finish a share-per-step line plot (title with its smoothing, axes, legend) and save it."""
     if window > 1:
         title += f"\n(rolling mean over {window} logged steps)"
-    ax.set(title=title, xlabel="optimizer step", ylabel=f"{_short(label)} share", ylim=(-0.02, 1.02))
+    ax.set(title=title, xlabel="optimizer step", ylabel=ylabel, ylim=(-0.02, 1.02))
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.grid(alpha=0.3)
-    ax.legend(title="module type", loc="center left", bbox_to_anchor=(1.01, 0.5))
+    ax.legend(title=legend_title, loc="center left", bbox_to_anchor=(1.01, 0.5))
     fig.tight_layout()
     fig.savefig(path, dpi=_DPI)
     return path
-
 
 def _binned(share: np.ndarray, steps: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Average (L, S) over at most ``_MAX_POINTS`` contiguous step bins; returns (L, B) and bin edges' steps."""
@@ -154,16 +160,8 @@ def plot_expert_share(log: RoutingLog, path: Path) -> Path:
     for e, name in enumerate(log.experts):
         shares = share_by_type(log, expert=e)["all"]
         ax.plot(shares.index, shares.rolling(window, min_periods=1).mean(), linewidth=1.6, label=name)
-    title = "Share of modules routed to each expert"
-    if window > 1:
-        title += f"\n(rolling mean over {window} logged steps)"
-    ax.set(title=title, xlabel="optimizer step", ylabel="share of modules", ylim=(-0.02, 1.02))
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.grid(alpha=0.3)
-    ax.legend(title="expert", loc="center left", bbox_to_anchor=(1.01, 0.5))
-    fig.tight_layout()
-    fig.savefig(path, dpi=_DPI)
-    return path
+    return _save_share_lines(fig, ax, path, "Share of modules routed to each expert", window,
+                             ylabel="share of modules", legend_title="expert")
 
 
 FIGURES = {

@@ -122,21 +122,29 @@ def _method(mode: str) -> str:
     return METHODS.get(mode, mode)
 
 
+def _formatted_cells(model: str, columns, cells, digits: int, missing: str, bold, annotate) -> list[str]:
+    """One Table-1 row's cells: the value (``bold`` when best), annotated with its hyperparameters."""
+    row = []
+    for task, mode in columns:
+        if (model, task, mode) not in cells:
+            row.append(missing)
+            continue
+        value, hparams, is_best = cells[(model, task, mode)]
+        text = f"{value:.{digits}f}"
+        text = bold(text) if is_best else text
+        row.append(annotate(text, hparams) if hparams else text)
+    return row
+
+
 def table1_markdown(results: pd.DataFrame, digits: int = 2) -> str:
     """Table 1 as a Markdown table (headers ``task / method``; hyperparameters under each value)."""
     models, columns, cells = table1(results)
     header = ["model"] + [f"{task} / {_method(mode)}" for task, mode in columns]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for model in models:
-        row = [model]
-        for task, mode in columns:
-            if (model, task, mode) not in cells:
-                row.append("–")
-                continue
-            value, hparams, is_best = cells[(model, task, mode)]
-            text = f"{value:.{digits}f}"
-            text = f"**{text}**" if is_best else text
-            row.append(f"{text}<br>({hparams})" if hparams else text)
+        row = [model] + _formatted_cells(model, columns, cells, digits, missing="–",
+                                         bold=lambda text: f"**{text}**",
+                                         annotate=lambda text, hparams: f"{text}<br>({hparams})")
         lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines) + "\n"
 
@@ -167,17 +175,9 @@ def table1_latex(results: pd.DataFrame, digits: int = 2) -> str:
     lines.append(" & " + " & ".join(latex_escape(_method(mode)) for _, mode in columns) + r" \\")
     lines.append(r"\midrule")
     for model in models:
-        row = [latex_escape(model)]
-        for task, mode in columns:
-            if (model, task, mode) not in cells:
-                row.append("--")
-                continue
-            value, hparams, is_best = cells[(model, task, mode)]
-            text = f"{value:.{digits}f}"
-            text = rf"\textbf{{{text}}}" if is_best else text
-            if hparams:
-                text = rf"\makecell{{{text}\\ {{\scriptsize {latex_escape(hparams)}}}}}"
-            row.append(text)
+        row = [latex_escape(model)] + _formatted_cells(
+            model, columns, cells, digits, missing="--", bold=lambda text: rf"\textbf{{{text}}}",
+            annotate=lambda text, hparams: rf"\makecell{{{text}\\ {{\scriptsize {latex_escape(hparams)}}}}}")
         lines.append(" & ".join(row) + r" \\")
     lines += [r"\bottomrule", r"\end{tabular}"]
     return "\n".join(lines) + "\n"
