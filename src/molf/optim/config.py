@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 ScoreName = Literal["true_projected", "projected"]
-ScoreBackend = Literal["auto", "eager", "compile", "triton"]
+ScoreBackend = Literal["auto", "eager", "compile", "triton", "native"]
 
 
 @dataclass
@@ -27,8 +27,10 @@ class OptimConfig:
     # Routing: EPD (true_projected, Eq. 10) or PFN (projected, Eq. 11); top-K experts per module.
     molf_score_fn: ScoreName = "true_projected"
     molf_topk: int = 1
-    # How MoLFAdamW's fused path computes the scores: auto (= eager), eager, compile (torch.compile,
-    # fastest on CPU, compiles on the first step), triton (CUDA; validated in Triton's interpreter).
+    # How MoLFAdamW's fused path computes the scores: auto (native on CPU when a C compiler builds
+    # its kernels, else eager), native (CPU fp32: C kernels, moments + scores + increment in one pass),
+    # eager, compile (torch.compile, compiles on the first step), triton (CUDA; validated in Triton's
+    # interpreter only).
     molf_score_backend: ScoreBackend = "auto"
 
     def __post_init__(self) -> None:

@@ -13,6 +13,12 @@ Fused (the default where ``torch._fused_adamw_`` supports the parameters), two p
    non-expert parameters as plain AdamW. With ``topk`` >= experts this is bit-identical to
    ``torch.optim.AdamW(fused=True)``.
 
+On the CPU with fp32 experts the fused path's expert buckets run natively (``molf.optim.native``,
+the ``auto`` choice where a C compiler is available): pass 1 updates the moments, sums the scores and
+writes the AdamW increment over the gradient; after the selection, pass 2 adds the increment to the
+winners only. Same rule, same bit-identity with ``topk`` >= experts, five arrays read per element
+instead of seven.
+
 Foreach (``fused=False``): moments for every parameter, scores from the updated moments, selection,
 then AdamW on the winners with the op sequence of ``torch.optim.AdamW(foreach=True)``, to which it
 is bit-identical with ``topk`` >= experts.
@@ -31,7 +37,7 @@ from torch.optim import Optimizer
 
 from molf.model.molf_linear import MoLFLinear
 from molf.model.wrap import molf_modules
-from molf.optim import prepass
+from molf.optim import native, prepass
 from molf.optim.scores import SCORE_EPS, get_score_fn, select_topk
 
 
@@ -83,6 +89,8 @@ class _Bucket:
     steps: list[Tensor] | None = None  # fused path: the float32 step tensors of ``states``
     sqrts: list[Tensor] | None = None  # foreach path: sqrt(v) of this step, shared by scores and update
     plan: object | None = None  # fused path: the score pre-pass plan of the bucket's backend
+    native: native.NativePlan | None = None  # native path (CPU fp32 experts): the kernels' work items
+    increments: list[Tensor] | None = None  # native path: this step's AdamW increments (the gradients)
 
     def cell_index_on(self, device: torch.device) -> Tensor:
         if self.cell_index.device != device:
@@ -126,6 +134,10 @@ class MoLFAdamW(Optimizer):
     Host syncs: exactly one per step (the winner mask and finiteness flags are copied to the host
     together), none per module.
 
+    Gradients: on the native CPU path (``score_backend`` ``auto`` or ``native``), ``step()`` uses the
+    expert parameters' ``.grad`` as scratch: afterwards it holds the AdamW increment, not the
+    gradient. Read or clip gradients before ``step()`` (as the HF Trainer does) and zero them after.
+
     Args:
         params: parameters or param groups (e.g. from ``build_param_groups``); groups may carry
             ``names`` and ``kind`` and any AdamW scalar.
@@ -135,9 +147,10 @@ class MoLFAdamW(Optimizer):
         topk: experts updated per module per step.
         fused: ``None`` picks the fused path when torch's fused AdamW supports every parameter's
             device and dtype, ``True`` requires it, ``False`` uses the foreach path.
-        score_backend: the fused path's score pre-pass: ``auto`` (= ``eager``), ``eager``,
-            ``compile`` (``torch.compile``; compiles on the first step) or ``triton`` (CUDA only;
-            opt-in until validated on GPU hardware).
+        score_backend: how the fused path scores: ``auto`` (``native`` for CPU fp32 experts where a C
+            compiler builds the kernels, else ``eager``), ``native``, ``eager``, ``compile``
+            (``torch.compile``; compiles on the first step) or ``triton`` (CUDA only; opt-in until
+            validated on GPU hardware).
 
     Raises:
         ValueError: for invalid hyper-parameters, an unknown score or backend, ``fused=True`` on
@@ -258,13 +271,30 @@ class MoLFAdamW(Optimizer):
                 self.state[p].update(step=0.0, exp_avg=torch.zeros_like(p, memory_format=torch.preserve_format),
                                      exp_avg_sq=torch.zeros_like(p, memory_format=torch.preserve_format))
         states = [self.state[p] for p in params]
+        use_native = is_expert and self.fused and self._native_bucket(params, device)
+        tensor_steps = self.fused and not use_native  # the native kernels take host numbers, like foreach
         for state, p in zip(states, params):  # the step's type follows the path (also after a load)
-            state["step"] = _as_step(state["step"], p.device, self.fused)
+            state["step"] = _as_step(state["step"], p.device, tensor_steps)
         cells = np.array([self._experts.cell_of[id(p)] for p in params]) if is_expert else None
         cell_index = torch.as_tensor(cells, device=device) if is_expert else None
-        steps = [s["step"] for s in states] if self.fused else None
+        steps = [s["step"] for s in states] if tensor_steps else None
         return _Bucket(gi, params, states, [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states],
-                       cells, cell_index, steps)
+                       cells, cell_index, steps,
+                       native=native.plan([p.numel() for p in params]) if use_native else None)
+
+    def _native_bucket(self, params: list[Tensor], device: torch.device) -> bool:
+        """Whether an expert bucket runs on the native kernels.
+
+        Raises:
+            ValueError: for ``score_backend='native'`` on tensors or a score the kernels do not handle.
+        """
+        if prepass.resolve_backend(self.score_backend, device) != "native":
+            return False
+        ok = native.supports(params) and self.score_fn.native_term is not None
+        if not ok and self.score_backend == "native":
+            raise ValueError("score_backend='native' needs contiguous fp32 CPU experts and a score with a native "
+                             f"term (got {params[0].dtype}, score {self.score_fn.name!r}); use 'auto' or 'eager'")
+        return ok
 
     def load_state_dict(self, state_dict: dict) -> None:
         """Load a state saved by ``state_dict()`` (e.g. from an HF Trainer checkpoint), of either path."""
@@ -321,6 +351,8 @@ class MoLFAdamW(Optimizer):
 
     def _tensor_sums(self, b: _Bucket) -> Tensor:
         """``(P,)`` fp32 score sums of the bucket's tensors, from this step's moments."""
+        if b.native is not None:
+            return self._native_pass(b)
         if not self.fused:  # the moments are already updated; sqrt(v) is kept for the update
             b.sqrts = torch._foreach_sqrt(b.exp_avg_sqs)
             return self.score_fn.tensor_sums(b.exp_avgs, b.sqrts, SCORE_EPS)
@@ -333,11 +365,22 @@ class MoLFAdamW(Optimizer):
             if triton_scores.supports(self.score_fn, b.params, grads):
                 b.plan = triton_scores.plan_for(b.plan, b.params, b.exp_avgs, b.exp_avg_sqs)
                 return triton_scores.tensor_sums(self.score_fn, b.plan, grads, beta1, beta2)
-        if backend == "compile":
+        if backend == "compile":  # ("native" lands below for the buckets the kernels do not take)
             return prepass.compiled_tensor_sums(self.score_fn, b.grads(), b.exp_avgs, b.exp_avg_sqs, beta1, beta2)
         if not isinstance(b.plan, prepass.EagerPlan):
             b.plan = prepass.eager_plan([p.numel() for p in b.params], b.params[0].device)
         return prepass.eager_tensor_sums(self.score_fn, b.plan, b.grads(), b.exp_avgs, b.exp_avg_sqs, beta1, beta2)
+
+    def _native_pass(self, b: _Bucket) -> Tensor:
+        """Native pass 1: moments, step counts, score sums, and the increments over the gradients."""
+        group = self.param_groups[b.group_index]
+        beta1, beta2 = group["betas"]
+        for s in b.states:
+            s["step"] += 1
+        steps = np.fromiter((s["step"] for s in b.states), dtype=np.float64, count=len(b.states))
+        b.increments = [g if g.is_contiguous() else g.contiguous() for g in b.grads()]
+        return native.moments_scores(b.native, b.increments, b.exp_avgs, b.exp_avg_sqs, steps, group["lr"],
+                                     beta1, beta2, group["eps"], SCORE_EPS, self.score_fn.native_term)
 
     def _route(self, buckets: list[_Bucket]) -> tuple[np.ndarray, np.ndarray]:
         """Score every expert, pick the winners and copy them to the host (the step's one sync).
@@ -371,7 +414,7 @@ class MoLFAdamW(Optimizer):
                 torch._foreach_zero_(list(compress(b.exp_avgs, hit)))
                 torch._foreach_zero_(list(compress(b.exp_avg_sqs, hit)))
                 for s in compress(b.states, hit):
-                    if self.fused:
+                    if isinstance(s["step"], Tensor):
                         s["step"].zero_()
                     else:
                         s["step"] = 0.0
@@ -398,6 +441,10 @@ class MoLFAdamW(Optimizer):
         and on the losers with both zero (moments and step only). Experts with a non-finite score are
         left out (their state is reset afterwards): ``p - 0 * nan`` would not leave ``p`` unchanged."""
         group = self.param_groups[b.group_index]
+        if b.native is not None:  # moments are done; add the increments to the winners
+            native.apply(b.native, b.params, b.increments, mask, group["lr"], group["weight_decay"])
+            b.increments = None
+            return
         columns = (b.params, b.grads(), b.exp_avgs, b.exp_avg_sqs, b.steps)
         if mask is None:
             _fused_adamw(*columns, group, group["lr"], group["weight_decay"])

@@ -12,6 +12,9 @@ each element of ``g``, ``m`` and ``v`` is read once here and once by the update.
 - ``compile``: one ``torch.compile(dynamic=True)`` reduction per tensor (compiled once for all
   shapes; opt-in, the first call compiles for tens of seconds);
 - ``triton``: one deterministic Triton launch per bucket on CUDA (``molf.optim.triton_scores``).
+
+The ``native`` backend (CPU, fp32) is not a pre-pass: its kernel updates the moments while it scores
+and leaves the AdamW increment for the winners' update (``molf.optim.native``).
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ from torch import Tensor
 
 from molf.optim.scores import SCORE_EPS, ScoreFn
 
-BACKENDS = ("auto", "eager", "compile", "triton")
+BACKENDS = ("auto", "eager", "compile", "triton", "native")
 CHUNK = 1 << 20  # elements per eager batch: bounds the temporaries (4 x 4 MiB in fp32)
 
 
@@ -124,16 +127,25 @@ def compiled_tensor_sums(score_fn: ScoreFn, grads: list[Tensor], exp_avgs: list[
 
 
 def resolve_backend(backend: str, device: torch.device) -> str:
-    """The pre-pass backend to run on ``device``: ``auto`` is ``eager`` on every device.
+    """The score backend to run on ``device``: ``auto`` is ``native`` on the CPU where the native
+    kernels build, else ``eager``.
 
     The Triton kernel is opt-in until it has been validated on GPU hardware (it is tested in Triton's
     interpreter on CPU and by the ``gpu``-marked tests).
 
     Raises:
-        ValueError: for ``triton`` off CUDA or without the ``triton`` package.
+        ValueError: for ``triton`` off CUDA or without the ``triton`` package, and for ``native`` off
+            the CPU or where its kernels cannot be built (the message says why).
     """
+    from molf.optim import native
+
     if backend == "auto":
-        return "eager"
+        return "native" if device.type == "cpu" and native.available() else "eager"
+    if backend == "native" and device.type != "cpu":
+        raise ValueError(f"score_backend='native' runs on the CPU only (got {device}); use 'auto' or 'eager'")
+    if backend == "native" and not native.available():
+        raise ValueError(f"score_backend='native' is unavailable: {native.unavailable_reason()}; "
+                         "use score_backend='auto' or 'eager'")
     if backend == "triton" and not (device.type == "cuda" and triton_available()):
         raise ValueError(f"score_backend='triton' needs CUDA parameters and the triton package (got {device}); "
                          "use score_backend='auto' or 'eager'")

@@ -7,7 +7,10 @@ module with a few multi-tensor kernels and no host sync:
 - ``combine(sums[M, E], numel[M, E], lr[M, E]) -> scores[M, E]``: the per-expert score from the sums
   of all the expert's tensors, its element count ``N_e`` and its scheduled learning rate;
 - optionally ``term(m, sqrt_v, eps_s) -> Tensor``: the elementwise terms whose sum ``tensor_sums``
-  computes, as plain tensor ops, for the compiled single-pass score (``score_backend="compile"``).
+  computes, as plain tensor ops, for the compiled single-pass score (``score_backend="compile"``);
+- optionally ``native_term``: the name of the same term in the native CPU kernel
+  (``"ratio_times_m"`` or ``"ratio_squared"``, see ``molf.optim.native``); a score without one uses
+  the ``eager`` pre-pass where ``auto`` would pick ``native``.
 
 Both use the *uncorrected* moments ``m``, ``v`` and ``eps_s = 1e-8``:
 
@@ -39,6 +42,7 @@ class ScoreFn:
     tensor_sums: TensorSums
     combine: Combine
     term: Callable[[Tensor, Tensor, float], Tensor] | None = None
+    native_term: str | None = None
 
 
 def _ratio(exp_avgs: list[Tensor], sqrts: list[Tensor], eps_s: float) -> list[Tensor]:
@@ -93,8 +97,8 @@ def pfn_term(m: Tensor, sqrt_v: Tensor, eps_s: float) -> Tensor:
     return ratio * ratio
 
 
-register_score(ScoreFn("true_projected", epd_tensor_sums, epd_combine, epd_term))
-register_score(ScoreFn("projected", pfn_tensor_sums, pfn_combine, pfn_term))
+register_score(ScoreFn("true_projected", epd_tensor_sums, epd_combine, epd_term, native_term="ratio_times_m"))
+register_score(ScoreFn("projected", pfn_tensor_sums, pfn_combine, pfn_term, native_term="ratio_squared"))
 
 
 def get_score_fn(name: str) -> ScoreFn:
