@@ -2,6 +2,8 @@
 
     python scripts/bench_train.py                       # CPU, writes results/bench_train.csv
     python scripts/bench_train.py --device cuda --batch_size 8 --precision bf16_mixed
+    python scripts/bench_train.py --hidden_size 1536 --intermediate_size 8960 --num_attention_heads 12 \
+        --num_key_value_heads 2 --num_layers 6 --out results/bench_train_qwen1.5b_shape.csv   # real shapes
 
 Every mode gets the same randomly initialised Qwen2-style model (hidden 512, 4 layers by default),
 the same random token batch (seq 256, vocab 32000) and the same step as the trainer: forward, backward,
@@ -41,6 +43,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--precision", choices=["fp32", "bf16_mixed", "bf16_pure"], default="fp32")
     parser.add_argument("--hidden_size", type=int, default=512)
     parser.add_argument("--num_layers", type=int, default=4)
+    parser.add_argument("--intermediate_size", type=int, default=0, help="MLP width (0: 2.6875 x hidden)")
+    parser.add_argument("--num_attention_heads", type=int, default=0, help="0: hidden / 64")
+    parser.add_argument("--num_key_value_heads", type=int, default=0, help="0: as many as attention heads")
     parser.add_argument("--vocab_size", type=int, default=32000)
     parser.add_argument("--seq_len", type=int, default=256)
     parser.add_argument("--batch_size", type=int, default=2)
@@ -55,10 +60,11 @@ def parse_args() -> argparse.Namespace:
 def build_mode(mode: str, args: argparse.Namespace):
     """The model (same init for every mode) after the mode's surgery, and its optimizer."""
     dtype = torch.bfloat16 if args.precision == "bf16_pure" else torch.float32
-    heads = max(args.hidden_size // 64, 1)
+    heads = args.num_attention_heads or max(args.hidden_size // 64, 1)
     model = build_tiny_model("qwen2", seed=0, dtype=dtype, hidden_size=args.hidden_size,
-                             intermediate_size=int(args.hidden_size * 2.6875), num_hidden_layers=args.num_layers,
-                             num_attention_heads=heads, num_key_value_heads=heads, vocab_size=args.vocab_size)
+                             intermediate_size=args.intermediate_size or int(args.hidden_size * 2.6875),
+                             num_hidden_layers=args.num_layers, num_attention_heads=heads,
+                             num_key_value_heads=args.num_key_value_heads or heads, vocab_size=args.vocab_size)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         cfg = TrainingConfig(model_name_or_path="tiny-qwen2", mode=mode, learning_rate=1e-4,
@@ -154,6 +160,7 @@ def summarize(args, built, times, optim_times, peaks) -> list[dict]:
             "device": torch.cuda.get_device_name(0) if args.device.startswith("cuda") else "cpu",
             "precision": args.precision, "mode": mode, "batch_size": args.batch_size, "seq_len": args.seq_len,
             "hidden_size": args.hidden_size, "num_layers": args.num_layers, "vocab_size": args.vocab_size,
+            "intermediate_size": args.intermediate_size or int(args.hidden_size * 2.6875),
             "params_total": sum(p.numel() for p in model.parameters()),
             "params_trainable": sum(p.numel() for p in model.parameters() if p.requires_grad),
             "median_step_time_s": round(medians[mode], 5),

@@ -91,12 +91,19 @@ class MoLFLinear(nn.Module):
         return not self.freeze_base
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """``x``: ``(..., in)`` -> ``(..., out)``."""
+        """``x``: ``(..., in)`` -> ``(..., out)``.
+
+        Each expert's ``s_i B_i (A_i x)`` is accumulated into the output by one ``addmm`` (scale and
+        sum inside the GEMM), so no ``(tokens, out)`` temporaries are made for the scaling or the sum.
+        """
         y = F.linear(x, self.weight, self.bias)  # (..., out)
-        x_drop = self.lora_dropout(x).to(self.lora_A[0].dtype)  # one mask shared by all LoRA experts
+        lead = y.shape[:-1]
+        y = y.reshape(-1, self.out_features)  # (T, out)
+        x_drop = self.lora_dropout(x).reshape(-1, self.in_features)  # one mask shared by all LoRA experts
         for a, b, s in zip(self.lora_A, self.lora_B, self.scaling):
-            y = y + (F.linear(F.linear(x_drop, a), b) * s).to(y.dtype)  # (..., r) -> (..., out)
-        return y
+            h = F.linear(x_drop.to(a.dtype), a).to(y.dtype)  # (T, r)
+            y = torch.addmm(y, h, b.to(y.dtype).t(), alpha=s)  # y + s * h @ B^T
+        return y.view(*lead, self.out_features)
 
     # ---- expert bookkeeping (the optimizer's only source of expert membership) ----
 
