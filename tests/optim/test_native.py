@@ -147,9 +147,9 @@ def test_auto_uses_the_native_kernels_and_routes_like_the_eager_prepass():
 def fresh_native(monkeypatch, tmp_path):
     """A clean build cache and loader for the test; the real loader is restored afterwards."""
     monkeypatch.setenv("MOLF_NATIVE_CACHE", str(tmp_path / "cache"))
-    native.load.cache_clear()
+    native._load_once.cache_clear()
     yield monkeypatch
-    native.load.cache_clear()
+    native._load_once.cache_clear()
 
 
 def test_disabled_native_falls_back_to_eager_and_explicit_native_says_why(fresh_native):
@@ -181,3 +181,12 @@ def test_explicit_native_refuses_tensors_it_cannot_take():
         optimizer.step()
     with pytest.raises(ValueError, match="CPU only"):
         prepass.resolve_backend("native", torch.device("cuda"))
+
+
+def test_a_failed_build_is_tried_once_per_process(fresh_native, monkeypatch):
+    calls = []
+    monkeypatch.setattr(native, "_compiler", lambda: calls.append(1) or "cc")
+    monkeypatch.setattr(native, "_build", lambda cc, flags, out: "error: broken compiler")
+    for _ in range(3):
+        assert not native.available()
+    assert len(calls) == 1 and "broken compiler" in native.unavailable_reason()

@@ -100,13 +100,28 @@ def _build(cc: str, flags: list[str], out: Path) -> str | None:
             os.unlink(tmp)
 
 
-@functools.lru_cache(maxsize=None)
 def load() -> ctypes.CDLL:
-    """Build (once per machine and source) and load the kernels.
+    """Build (once per machine and source) and load the kernels; a failure is remembered too, so a
+    machine without a working compiler tries once per process, not once per step.
 
     Raises:
         NativeUnavailable: disabled by ``MOLF_NATIVE=0``, no compiler, or no flag set compiles.
     """
+    lib, error = _load_once()
+    if lib is None:
+        raise NativeUnavailable(error)
+    return lib
+
+
+@functools.lru_cache(maxsize=None)
+def _load_once() -> tuple[ctypes.CDLL | None, str]:
+    try:
+        return _build_and_load(), ""
+    except NativeUnavailable as err:
+        return None, str(err)
+
+
+def _build_and_load() -> ctypes.CDLL:
     if os.environ.get("MOLF_NATIVE", "1") == "0":
         raise NativeUnavailable("disabled by MOLF_NATIVE=0")
     cc = _compiler()
