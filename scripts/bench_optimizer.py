@@ -75,11 +75,11 @@ def restore_grads(model: torch.nn.Module, grads: list[torch.Tensor]) -> None:
     torch._foreach_copy_([p.grad for p in model.parameters()], grads)
 
 
-def time_steps(optimizers: dict, model: torch.nn.Module, device: torch.device, warmup: int,
-               reps: int) -> dict[str, float]:
-    """Median ms per ``step()`` of each optimizer, repetitions interleaved across optimizers."""
+def time_steps(optimizers: dict, model: torch.nn.Module, grads: list[torch.Tensor], device: torch.device,
+               warmup: int, reps: int) -> dict[str, float]:
+    """Median ms per ``step()`` of each optimizer, repetitions interleaved across optimizers; ``grads``
+    (the saved gradients) are restored before every step."""
     times: dict[str, list[float]] = {name: [] for name in optimizers}
-    grads = [p.grad.clone() for p in model.parameters()]
     for rep in range(warmup + reps):
         for name, optimizer in optimizers.items():
             restore_grads(model, grads)
@@ -106,7 +106,7 @@ def bench_rows(hidden: int, rank: int, regime: str, args: argparse.Namespace, de
         with count_host_syncs() as counter:
             molf.step()
         syncs[name] = counter.count
-    ms = time_steps(optimizers, model, device, args.warmup, args.reps)
+    ms = time_steps(optimizers, model, grads, device, args.warmup, args.reps)
     rows = []
     for name, molf in molfs.items():
         winners = molf.last_routing.winners
