@@ -82,3 +82,12 @@ def test_peft_lora_config_uses_the_reference_alpha(tmp_path, rank, rslora, alpha
     cfg = make_cfg(tmp_path, "lora", lora_rank=rank, use_rslora=rslora, lora_dropout=0.05)
     peft_cfg = lora_config(cfg)
     assert (peft_cfg.r, peft_cfg.lora_alpha, peft_cfg.use_rslora, peft_cfg.lora_dropout) == (rank, alpha, rslora, 0.05)
+
+
+def test_peft_lora_mode_drops_its_inputs_with_lora_dropout(tmp_path):
+    from molf.model.dropout import LoRADropout
+
+    model = build.apply_mode(small_model(), make_cfg(tmp_path, "lora", lora_dropout=0.05))
+    dropouts = [d for m in model.modules() if isinstance(getattr(m, "lora_dropout", None), torch.nn.ModuleDict)
+                for d in m.lora_dropout.values()]
+    assert dropouts and all(type(d) is LoRADropout and d.p == 0.05 for d in dropouts)

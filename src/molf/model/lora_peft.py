@@ -7,6 +7,8 @@ from typing import Any
 
 from torch import nn
 
+from molf.model.dropout import LoRADropout
+
 
 def lora_config(cfg: Any):
     """peft ``LoraConfig`` from the run's ``LoRAConfig`` fields.
@@ -35,11 +37,29 @@ def apply_lora(model: nn.Module, cfg: Any):
         cfg: an object with the ``LoRAConfig`` fields (e.g. a ``TrainingConfig``).
 
     Returns:
-        The ``PeftModel`` (only the adapters are trainable).
+        The ``PeftModel`` (only the adapters are trainable). Its dropout modules are
+        ``LoRADropout`` (same ``p``; the fast counter-based mask on fp32 CPU tensors), so every mode
+        drops its LoRA inputs the same way.
     """
     from peft import get_peft_model
 
-    return get_peft_model(model, lora_config(cfg))
+    peft_model = get_peft_model(model, lora_config(cfg))
+    use_lora_dropout(peft_model)
+    return peft_model
+
+
+def use_lora_dropout(model: nn.Module) -> int:
+    """Replace every ``nn.Dropout`` inside peft's ``lora_dropout`` containers by a ``LoRADropout``
+    with the same ``p``; returns how many were replaced."""
+    count = 0
+    for module in model.modules():
+        container = getattr(module, "lora_dropout", None)
+        if isinstance(container, nn.ModuleDict):
+            for name, dropout in list(container.items()):
+                if type(dropout) is nn.Dropout:
+                    container[name] = LoRADropout(dropout.p)
+                    count += 1
+    return count
 
 
 def save_adapter_and_merge(peft_model: Any, adapter_dir: Path) -> nn.Module:

@@ -19,6 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from molf.model.dropout import LoRADropout
+
 FFT = "fft"
 LORA = "lora"
 
@@ -71,7 +73,7 @@ class MoLFLinear(nn.Module):
         if freeze_base:
             for p in self._fft_params():
                 p.requires_grad_(False)
-        self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.lora_dropout = LoRADropout(dropout) if dropout > 0 else nn.Identity()
         factory = dict(device=base.weight.device, dtype=base.weight.dtype)
         self.lora_A = nn.ParameterList([nn.Parameter(torch.empty(r, self.in_features, **factory)) for r in self.r])
         self.lora_B = nn.ParameterList([nn.Parameter(torch.empty(self.out_features, r, **factory)) for r in self.r])

@@ -17,6 +17,9 @@ source, the flags, the compiler and the CPU (``$MOLF_NATIVE_CACHE``, else
 ``$XDG_CACHE_HOME/molf/native`` or ``~/.cache/molf/native``). Where no compiler works, ``available()``
 is False and ``MoLFAdamW``'s ``auto`` backend uses the ``eager`` pre-pass instead. ``MOLF_NATIVE=0``
 disables the native path.
+
+The same library holds the CPU dropout of the LoRA inputs (``dropout`` below, used by
+``molf.model.dropout``): a counter-based mask that the backward pass regenerates from a key.
 """
 
 from __future__ import annotations
@@ -42,7 +45,7 @@ SCORE_KINDS = {"ratio_times_m": 0, "ratio_squared": 1}  # ScoreFn.native_term ->
 _BASE_FLAGS = ["-O3", "-fno-math-errno", "-ffp-contract=off", "-fPIC", "-shared"]
 _FLAG_SETS = (["-march=native", "-fopenmp"], ["-fopenmp"], ["-march=native"], [])
 _P = ctypes.c_void_p
-_I64, _F64, _INT = ctypes.c_int64, ctypes.c_double, ctypes.c_int
+_I64, _F64, _INT, _U32 = ctypes.c_int64, ctypes.c_double, ctypes.c_int, ctypes.c_uint32
 
 
 class NativeUnavailable(RuntimeError):
@@ -143,6 +146,8 @@ def _build_and_load() -> ctypes.CDLL:
         lib.molf_moments_scores.restype = None
         lib.molf_apply.argtypes = [_P, _P, _P, _P, _P, _P, _I64, _I64, _INT]
         lib.molf_apply.restype = None
+        lib.molf_dropout.argtypes = [_P, _P, _I64, _U32, _U32, _U32, ctypes.c_float, _I64, _INT]
+        lib.molf_dropout.restype = None
         return lib
     raise NativeUnavailable(f"could not compile {SOURCE.name} with {cc}: " + "; ".join(errors))
 
@@ -237,3 +242,18 @@ def apply(p: NativePlan, params: list[Tensor], increments: list[Tensor], winners
     decays = np.full(len(p.numels), decay, dtype=np.float32)
     load().molf_apply(_pointers(params), _pointers(increments), _addr(p.numels), _addr(decays),
                       _addr(block_tensor), _addr(block_start), len(block_tensor), BLOCK, torch.get_num_threads())
+
+
+def dropout_threshold(p: float) -> int:
+    """The 32-bit hash threshold under which an element is dropped: ``round(p * 2^32)``."""
+    return min(int(round(p * 2**32)), 2**32 - 1)
+
+
+def dropout(x: Tensor, key: tuple[int, int], p: float) -> Tensor:
+    """``x * keep / (1 - p)`` for a contiguous fp32 CPU ``x``, where ``keep`` is a function of ``key``
+    and the element index only (so calling it again with the same key gives the same mask, on any
+    number of threads). Returns a new tensor shaped like ``x``."""
+    out = torch.empty_like(x, memory_format=torch.contiguous_format)
+    load().molf_dropout(x.data_ptr(), out.data_ptr(), x.numel(), key[0], key[1], dropout_threshold(p),
+                        1.0 / (1.0 - p), BLOCK, torch.get_num_threads())
+    return out

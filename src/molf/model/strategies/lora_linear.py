@@ -9,6 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from molf.model.dropout import LoRADropout
+
 Role = Literal["ffn", "attn"]
 
 
@@ -52,7 +54,7 @@ class LoRALinear(nn.Module):
         weight = base.weight
         self.lora_A = nn.Parameter(torch.empty(r, base.in_features, device=weight.device, dtype=weight.dtype))
         self.lora_B = nn.Parameter(torch.zeros(base.out_features, r, device=weight.device, dtype=weight.dtype))
-        self.lora_dropout = nn.Dropout(lora_dropout) if lora_dropout > 0 else nn.Identity()
+        self.lora_dropout = LoRADropout(lora_dropout) if lora_dropout > 0 else nn.Identity()
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
         if b_init_std > 0:
             nn.init.normal_(self.lora_B, std=b_init_std)

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from molf.model.dropout import LoRADropout
 from molf.model.strategies.blocks import target_linears
 from molf.model.strategies.dense import lora_settings, scoped_blocks
 from molf.model.strategies.lora_linear import lora_scaling, replace_module
@@ -51,7 +52,7 @@ class MixtureLoRALinear(nn.Module):
         for a in self.lora_A:
             nn.init.kaiming_uniform_(a, a=math.sqrt(5))
         nn.init.normal_(self.lora_B, std=b_init_std)
-        self.lora_dropout = nn.Dropout(lora_dropout) if lora_dropout > 0 else nn.Identity()
+        self.lora_dropout = LoRADropout(lora_dropout) if lora_dropout > 0 else nn.Identity()
 
     def lora_parameters(self) -> list[nn.Parameter]:
         """``[lora_A (E, r, in), lora_B (E, out, r)]``."""

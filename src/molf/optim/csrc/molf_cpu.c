@@ -9,6 +9,10 @@
  *                        x = (-lr / bc1) * m / (sqrt(v) / sqrt(bc2) + eps) written over the gradient;
  *   molf_apply           the winners only: p = p * (1 - lr * wd) + x.
  *
+ * It also holds the CPU dropout of the LoRA inputs (molf/model/dropout.py), molf_dropout: element i
+ * is kept iff a hash of (key, i) is at least p * 2^32, so the backward pass regenerates the mask from
+ * the key instead of storing it, and the mask does not depend on the number of threads.
+ *
  * The arithmetic follows torch's fused CPU AdamW element by element (m as one fma, v as an fma whose
  * operand order differs between ATen's vector code and its scalar tail, one division for the
  * denominator and one for the increment). ATen's vector body covers numel - numel % tail_width
@@ -110,6 +114,39 @@ void molf_apply(float **params, float **increments, const int64_t *numels, const
             for (int64_t i = start; i < stop; i++) {
                 p[i] = p[i] + x[i];
             }
+        }
+    }
+}
+
+/* "lowbias32", a 32-bit integer finaliser (shift-xor-multiply with published constants). */
+static inline uint32_t mix32(uint32_t x) {
+    x ^= x >> 16;
+    x *= 0x7feb352dU;
+    x ^= x >> 15;
+    x *= 0x846ca68bU;
+    x ^= x >> 16;
+    return x;
+}
+
+/* out[i] = in[i] * (keep(i) ? scale : 0) with keep(i) = mix32(mix32(lo32(i) ^ k0) ^ k1 ^ hi32(i)) >= threshold.
+ * Multiplying (rather than selecting 0) lets a NaN in a dropped position through, as torch's dropout
+ * does. Blocks of block_size (a power of two below 2^32) never straddle a 2^32 boundary, so hi32(i)
+ * is constant per block and the inner loop is plain 32-bit integer code that vectorises. */
+void molf_dropout(const float *in, float *out, int64_t n, uint32_t k0, uint32_t k1, uint32_t threshold,
+                  float scale, int64_t block_size, int num_threads) {
+    const int64_t num_blocks = (n + block_size - 1) / block_size;
+#pragma omp parallel for schedule(static) num_threads(num_threads)
+    for (int64_t b = 0; b < num_blocks; b++) {
+        const int64_t start = b * block_size;
+        const int64_t stop = start + block_size < n ? start + block_size : n;
+        const uint32_t key = k1 ^ (uint32_t)((uint64_t)start >> 32);
+        const uint32_t lo = (uint32_t)start;
+        const int64_t len = stop - start;
+        const float *x = in + start;
+        float *y = out + start;
+        for (int64_t j = 0; j < len; j++) {
+            const uint32_t h = mix32(mix32((lo + (uint32_t)j) ^ k0) ^ key);
+            y[j] = x[j] * (h >= threshold ? scale : 0.0f);
         }
     }
 }
