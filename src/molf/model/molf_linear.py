@@ -95,16 +95,17 @@ class MoLFLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``x``: ``(..., in)`` -> ``(..., out)``.
 
-        Each expert's ``s_i B_i (A_i x)`` is accumulated into the output by one ``addmm`` (scale and
-        sum inside the GEMM), so no ``(tokens, out)`` temporaries are made for the scaling or the sum.
+        Each expert's ``s_i B_i (A_i x)`` is accumulated into the base output in place by one
+        ``addmm_`` (scale and sum inside the GEMM), so no ``(tokens, out)`` temporaries or copies are
+        made for the scaling or the sum (the base linear's backward does not need its output).
         """
-        y = F.linear(x, self.weight, self.bias)  # (..., out)
-        lead = y.shape[:-1]
-        y = y.reshape(-1, self.out_features)  # (T, out)
-        x_drop = self.lora_dropout(x).reshape(-1, self.in_features)  # one mask shared by all LoRA experts
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, self.in_features)  # (T, in)
+        y = F.linear(x2, self.weight, self.bias)  # (T, out), not a view
+        x_drop = self.lora_dropout(x2)  # one mask shared by all LoRA experts
         for a, b, s in zip(self.lora_A, self.lora_B, self.scaling):
             h = F.linear(x_drop.to(a.dtype), a).to(y.dtype)  # (T, r)
-            y = torch.addmm(y, h, b.to(y.dtype).t(), alpha=s)  # y + s * h @ B^T
+            y.addmm_(h, b.to(y.dtype).t(), alpha=s)  # y += s * h @ B^T
         return y.view(*lead, self.out_features)
 
     # ---- expert bookkeeping (the optimizer's only source of expert membership) ----
