@@ -7,9 +7,10 @@
 
 Every mode gets the same randomly initialised Qwen2-style model (hidden 512, 4 layers by default),
 the same random token batch (seq 256, vocab 32000) and the same step as the trainer: forward, backward,
-grad-norm clipping, the mode's optimizer (``molf.train.optimizers.build_optimizer``), zero_grad. Modes
-are interleaved within each repetition so machine noise hits them alike; the CSV holds medians and
-the step-time ratio of each mode to fft measured in the same process.
+grad-norm clipping, the mode's optimizer (``molf.train.optimizers.build_optimizer``), zero_grad; on the
+CPU with the trainer's malloc tuning (``molf.train.cpu_malloc``; ``--no_cpu_malloc_tuning`` keeps
+glibc's defaults). Modes are interleaved within each repetition so machine noise hits them alike; the
+CSV holds medians and the step-time ratio of each mode to fft measured in the same process.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ import torch
 from molf.config import TrainingConfig
 from molf.model.tiny import build_tiny_model
 from molf.train.build import apply_mode
+from molf.train.cpu_malloc import tune_cpu_malloc
 from molf.train.optimizers import build_optimizer
 
 MODES = {
@@ -54,6 +56,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps per mode before the first repetition")
     parser.add_argument("--modes", default=",".join(MODES))
     parser.add_argument("--out", default="results/bench_train.csv")
+    parser.add_argument("--no_cpu_malloc_tuning", action="store_true",
+                        help="on CPU, keep glibc's default malloc instead of the trainer's tuning "
+                             "(molf.train.cpu_malloc), to measure what the tuning changes")
     return parser.parse_args()
 
 
@@ -131,6 +136,7 @@ def state_mib(model, optimizer) -> float:
 
 def run(args: argparse.Namespace) -> list[dict]:
     device = torch.device(args.device)
+    args.cpu_malloc_tuned = device.type == "cpu" and not args.no_cpu_malloc_tuning and tune_cpu_malloc()
     modes = args.modes.split(",")
     autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if args.precision == "bf16_mixed" \
         else nullcontext
@@ -158,7 +164,8 @@ def summarize(args, built, times, optim_times, peaks) -> list[dict]:
     for mode, (model, optimizer) in built.items():
         rows.append({
             "device": torch.cuda.get_device_name(0) if args.device.startswith("cuda") else "cpu",
-            "precision": args.precision, "mode": mode, "batch_size": args.batch_size, "seq_len": args.seq_len,
+            "precision": args.precision, "cpu_malloc_tuned": args.cpu_malloc_tuned, "mode": mode,
+            "batch_size": args.batch_size, "seq_len": args.seq_len,
             "hidden_size": args.hidden_size, "num_layers": args.num_layers, "vocab_size": args.vocab_size,
             "intermediate_size": args.intermediate_size or int(args.hidden_size * 2.6875),
             "params_total": sum(p.numel() for p in model.parameters()),

@@ -52,14 +52,18 @@ def only_eval(cfg: TrainingConfig) -> None:
 
 
 def train(cfg: TrainingConfig) -> None:
+    import torch
     from transformers import set_seed
 
     from molf.data import SFTCollator, build_train_dataset
     from molf.model.load import load_model, load_tokenizer
     from molf.train import build
+    from molf.train.cpu_malloc import tune_cpu_malloc
     from molf.train.export import clean_checkpoints, save_final
     from molf.train.param_count import count_parameters, format_counts
 
+    if not torch.cuda.is_available() and tune_cpu_malloc():
+        say("CPU training: large freed blocks are kept for reuse (MOLF_CPU_MALLOC=0 turns this off)")
     set_seed(cfg.seed)
     tokenizer = load_tokenizer(cfg.model_name_or_path, cfg.tokenizer_name_or_path)
     model = load_model(cfg.model_name_or_path, build.model_dtype(cfg.precision), cfg.attn_implementation, cfg.seed)

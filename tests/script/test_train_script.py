@@ -71,6 +71,7 @@ def test_train_merge_save_evaluate_then_only_eval(tmp_path, capsys):
     run_dir = next((tmp_path / "runs").iterdir())
     assert f"merged checkpoint: {run_dir / 'final'}" in out
     assert f"routing log: {run_dir / 'molf_routing.jsonl'}" in out
+    assert "CPU training: large freed blocks are kept for reuse" in out  # glibc CI machines
     assert (run_dir / "resolved_config.yaml").is_file()
     assert not list(run_dir.glob("checkpoint-*"))  # clean_ckpt_at_end
     steps = [json.loads(line) for line in (run_dir / "molf_routing.jsonl").read_text().splitlines()]
