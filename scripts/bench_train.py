@@ -111,32 +111,26 @@ def timed_steps(model, optimizer, batch, autocast, steps: int, device: torch.dev
     return [a + b for a, b in times], [b for _, b in times], peak
 
 
-def adapter_flops_pct(model) -> float:
-    """LoRA matmul work as a % of the base linears' (head excluded): sum r (in + out) / sum in * out."""
+def adapter_modules(model) -> list[tuple[int, int, list[int]]]:
+    """``(in, out, ranks)`` of every linear that carries LoRA experts (MoLF) or adapters (peft)."""
     from molf.model.molf_linear import MoLFLinear
 
-    base = adapter = 0
+    found = []
     for module in model.modules():
         if isinstance(module, MoLFLinear):
-            base += module.in_features * module.out_features
-        elif hasattr(module, "lora_A") and hasattr(module, "base_layer"):  # peft LoRA layer
-            base += module.base_layer.in_features * module.base_layer.out_features
-    adapter = sum(r * (n_in + n_out) for n_in, n_out, r in adapter_shapes(model))
-    return 100.0 * adapter / base if base else 0.0
-
-
-def adapter_shapes(model) -> list[tuple[int, int, int]]:
-    """``(in, out, r)`` of every LoRA expert / adapter of the model."""
-    from molf.model.molf_linear import MoLFLinear
-
-    shapes = []
-    for module in model.modules():
-        if isinstance(module, MoLFLinear):
-            shapes += [(module.in_features, module.out_features, r) for r in module.r]
+            found.append((module.in_features, module.out_features, list(module.r)))
         elif hasattr(module, "lora_A") and hasattr(module, "base_layer"):  # peft LoRA layer
             linear = module.base_layer
-            shapes += [(linear.in_features, linear.out_features, a.out_features) for a in module.lora_A.values()]
-    return shapes
+            found.append((linear.in_features, linear.out_features, [a.out_features for a in module.lora_A.values()]))
+    return found
+
+
+def adapter_flops_pct(model) -> float:
+    """LoRA matmul work as a % of the base linears' (head excluded): sum r (in + out) / sum in * out."""
+    modules = adapter_modules(model)
+    base = sum(n_in * n_out for n_in, n_out, _ in modules)
+    adapter = sum(sum(ranks) * (n_in + n_out) for n_in, n_out, ranks in modules)
+    return 100.0 * adapter / base if base else 0.0
 
 
 def adapter_gemm_seconds(model, tokens: int, device: torch.device, dtype: torch.dtype, repeats: int = 5) -> float:
@@ -145,7 +139,8 @@ def adapter_gemm_seconds(model, tokens: int, device: torch.device, dtype: torch.
     model's adapters: the floor a LoRA-carrying mode pays over fft whatever the rest of the step costs."""
     total = 0.0
     gen = torch.Generator(device=device).manual_seed(0)
-    for (n_in, n_out, r), count in Counter(adapter_shapes(model)).items():
+    shapes = Counter((n_in, n_out, r) for n_in, n_out, ranks in adapter_modules(model) for r in ranks)
+    for (n_in, n_out, r), count in shapes.items():
         x, g = (torch.randn(tokens, n, generator=gen, device=device, dtype=dtype) for n in (n_in, n_out))
         a = torch.randn(r, n_in, generator=gen, device=device, dtype=dtype)
         b = torch.randn(n_out, r, generator=gen, device=device, dtype=dtype)
