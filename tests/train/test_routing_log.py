@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from molf.analysis.routing_log import read_routing_log
-from molf.train.routing_log import RoutingLogWriter, step_record
+from molf.train.routing_log import RoutingLogWriter, step_record, truncate_jsonl
 
 
 @dataclass
@@ -93,3 +93,12 @@ def test_one_host_copy_per_step(monkeypatch):
     monkeypatch.setattr(torch.Tensor, "cpu", counting_cpu)
     record = step_record(d, 1)
     assert len(calls) == 1 and record["step"] == 1
+
+
+def test_truncate_jsonl_keeps_metrics_lines_up_to_the_step(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    lines = [json.dumps({"step": s, "loss": 1.0 / s}) + "\n" for s in (1, 2, 3, 4)]
+    path.write_text("".join(lines) + '{"step": 5, "lo', encoding="utf-8")  # killed mid-write
+    truncate_jsonl(path, 2)
+    assert path.read_text(encoding="utf-8") == "".join(lines[:2])
+    assert not path.with_suffix(".jsonl.tmp").exists()

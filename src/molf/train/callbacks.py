@@ -9,7 +9,7 @@ from typing import Any, Optional, Sequence
 
 from transformers import TrainerCallback
 
-from molf.train.routing_log import RoutingLogWriter
+from molf.train.routing_log import RoutingLogWriter, truncate_jsonl
 
 METRICS_FILENAME = "metrics.jsonl"
 
@@ -56,15 +56,8 @@ class JsonMetricsCallback(TrainerCallback):
         self.path = Path(path)
 
     def on_train_begin(self, args, state, control, **kwargs):
-        if state.is_world_process_zero and self.path.exists():
-            kept = []
-            for line in self.path.read_text(encoding="utf-8").splitlines(keepends=True):
-                try:
-                    if json.loads(line).get("step", 0) <= state.global_step:
-                        kept.append(line)
-                except json.JSONDecodeError:
-                    break  # a torn last line of a killed run
-            self.path.write_text("".join(kept), encoding="utf-8")
+        if state.is_world_process_zero:
+            truncate_jsonl(self.path, state.global_step)
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if not state.is_world_process_zero or not logs:

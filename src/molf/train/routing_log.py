@@ -39,6 +39,27 @@ def step_record(decision: Any, step: int) -> dict[str, Any]:
     }
 
 
+def truncate_jsonl(path: Path, step: int) -> None:
+    """Rewrite a JSONL log (routing log or ``metrics.jsonl``) for a run resumed at ``step``: keep the
+    header and the lines with ``step <= step``, and stop at a torn last line of a killed run. The
+    file is replaced atomically, so a crash here loses nothing."""
+    path = Path(path)
+    if not path.exists():
+        return
+    kept = []
+    with path.open("r", encoding="utf-8") as handle:
+        for line in handle:
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                break  # a torn last line of a killed run
+            if record.get("type") == "header" or int(record.get("step", 0)) <= step:
+                kept.append(line if line.endswith("\n") else line + "\n")
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text("".join(kept), encoding="utf-8")
+    os.replace(tmp, path)
+
+
 class RoutingLogWriter:
     """Appends routing decisions to ``<run_dir>/molf_routing.jsonl``; the header is written once.
 
@@ -58,20 +79,7 @@ class RoutingLogWriter:
 
     def truncate_after(self, step: int) -> None:
         """Keep the header and the step lines with ``step <= step``; drop a torn last line."""
-        if not self.path.exists():
-            return
-        kept = []
-        with self.path.open("r", encoding="utf-8") as handle:
-            for line in handle:
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError:
-                    break  # a torn last line of a killed run
-                if record.get("type") == "header" or int(record.get("step", 0)) <= step:
-                    kept.append(json.dumps(record) + "\n")
-        tmp = self.path.with_suffix(".jsonl.tmp")
-        tmp.write_text("".join(kept), encoding="utf-8")
-        os.replace(tmp, self.path)
+        truncate_jsonl(self.path, step)
 
     def write(self, decision: Any, step: int) -> None:
         """Append the line of optimizer step ``step`` (and the header first if the file has none)."""
