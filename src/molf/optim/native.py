@@ -154,19 +154,12 @@ def _build_and_load() -> ctypes.CDLL:
 
 def available() -> bool:
     """Whether the native kernels can be used on this machine (builds them on the first call)."""
-    try:
-        load()
-    except NativeUnavailable:
-        return False
-    return True
+    return _load_once()[0] is not None
 
 
 def unavailable_reason() -> str:
-    try:
-        load()
-    except NativeUnavailable as err:
-        return str(err)
-    return ""
+    """Why the kernels cannot be used ("" when they can)."""
+    return _load_once()[1]
 
 
 @functools.lru_cache(maxsize=None)
