@@ -52,7 +52,6 @@ def plot_share_by_type(log: RoutingLog, path: Path) -> Path:
                              ylabel=f"{_short(label)} share", legend_title="module type")
 
 
-
 def _save_share_lines(fig: Figure, ax, path: Path, title: str, window: int, ylabel: str,
                       legend_title: str) -> Path:
     """Finish a share-per-step line plot (title with its smoothing, axes, legend) and save it."""
@@ -65,6 +64,7 @@ def _save_share_lines(fig: Figure, ax, path: Path, title: str, window: int, ylab
     fig.tight_layout()
     fig.savefig(path, dpi=_DPI)
     return path
+
 
 def _binned(share: np.ndarray, steps: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Average (L, S) over at most ``_MAX_POINTS`` contiguous step bins; returns (L, B) and bin edges' steps."""
