@@ -33,8 +33,8 @@ from molf.testing import count_host_syncs
 
 BASE_LR = 1e-4
 COLUMNS = ["device", "threads", "hidden", "lora_rank", "regime", "molf_path", "score_backend", "fft_win_share",
-           "num_params", "num_modules", "molf_ms", "adamw_fused_ms", "adamw_foreach_ms", "ratio_vs_fused", "ratio_vs_foreach",
-           "molf_host_syncs_per_step", "reps"]
+           "num_params", "num_modules", "molf_ms", "adamw_fused_ms", "adamw_foreach_ms", "ratio_vs_fused",
+           "ratio_vs_foreach", "molf_host_syncs_per_step", "reps"]
 
 
 @dataclass

@@ -195,6 +195,8 @@ def run(args: argparse.Namespace) -> list[dict]:
 
 def summarize(args, built, times, optim_times, peaks) -> list[dict]:
     medians = {mode: statistics.median(t) for mode, t in times.items()}
+    tokens = args.batch_size * args.seq_len
+    gemm_dtype = torch.float32 if args.precision == "fp32" else torch.bfloat16  # the matmuls' compute dtype
     rows = []
     for mode, (model, optimizer) in built.items():
         rows.append({
@@ -206,12 +208,11 @@ def summarize(args, built, times, optim_times, peaks) -> list[dict]:
             "params_total": sum(p.numel() for p in model.parameters()),
             "params_trainable": sum(p.numel() for p in model.parameters() if p.requires_grad),
             "median_step_time_s": round(medians[mode], 5),
-            "tokens_per_second": round(args.batch_size * args.seq_len / medians[mode], 1),
+            "tokens_per_second": round(tokens / medians[mode], 1),
             "step_time_ratio_vs_fft": round(medians[mode] / medians["fft"], 4) if "fft" in medians else "",
             "median_optimizer_time_s": round(statistics.median(optim_times[mode]), 5),
             "adapter_matmul_pct_of_base": round(adapter_flops_pct(model), 1),
-            "adapter_gemm_s": round(adapter_gemm_seconds(model, args.batch_size * args.seq_len, torch.device(args.device),
-                                                         torch.bfloat16 if args.precision != "fp32" else torch.float32), 5),
+            "adapter_gemm_s": round(adapter_gemm_seconds(model, tokens, torch.device(args.device), gemm_dtype), 5),
             "peak_memory_mib": round(max(peaks[mode]), 1) if args.device.startswith("cuda") else "",
             "param_and_optimizer_state_mib": round(state_mib(model, optimizer), 1),
             "timed_steps": len(times[mode]),
