@@ -28,6 +28,10 @@ def check_local_paths(cfg: TrainingConfig) -> None:
         if value is not None and not Path(value).exists():
             raise FileNotFoundError(f"--{flag} {value} does not exist; pass an existing file or directory "
                                     "(or omit it to load the hub dataset)")
+    if cfg.do_eval:
+        from molf.data.builder import eval_source
+
+        eval_source(cfg)
 
 
 def evaluate(cfg: TrainingConfig, model, tokenizer) -> None:

@@ -100,3 +100,20 @@ def test_spider_paths_flags_override_the_default(tmp_path):
     cfg.spider_databases_dir = str(FIXTURES / "sql" / "spider_databases")
     examples = load_examples(cfg, "train")
     assert examples[0].db_path.is_file()
+
+
+def test_eval_source_never_falls_back_to_the_hub_for_local_training_data(tmp_path):
+    from molf.data.builder import eval_source
+
+    med_dir = FIXTURES / "med"
+    assert eval_source(_cfg(dataset_type="med")) == (None, "eval")  # hub training, hub evaluation
+    assert eval_source(_cfg(dataset_type="med", data_path=str(med_dir))) == (str(med_dir), "eval")
+    assert len(load_examples(_cfg(dataset_type="med", data_path=str(med_dir)), "eval")) == \
+        len(load_file(med_dir / "validation.jsonl"))
+    fact_file = str(FIXTURES / "fact" / "counterfact.jsonl")
+    assert eval_source(_cfg(dataset_type="fact", data_path=fact_file)) == (fact_file, "train")
+    with pytest.raises(ValueError, match="--eval_data_path"):
+        load_examples(_cfg(dataset_type="med", data_path=str(med_dir / "train.jsonl")), "eval")
+    shutil.copy(med_dir / "train.jsonl", tmp_path / "train.jsonl")
+    with pytest.raises(FileNotFoundError, match="no eval file in directory"):
+        load_examples(_cfg(dataset_type="med", data_path=str(tmp_path)), "eval")

@@ -39,6 +39,19 @@ def test_med_zero_cop_under_one_based_flag_is_an_error():
         med.parse_rows([row], index_base=1)
 
 
+@pytest.mark.parametrize("cop, letter", [(2, "C"), ("2", "C"), (2.0, "C")])
+def test_med_answer_index_accepts_whole_numbers(cop, letter):
+    row = Row({"question": "Q?", "opa": "w", "opb": "x", "opc": "y", "opd": "z", "cop": cop}, "f.jsonl:1")
+    assert med.parse_rows([row], index_base=0)[0].answer == letter
+
+
+@pytest.mark.parametrize("cop", [2.7, True, "C", "2.5"])
+def test_med_answer_index_that_is_not_a_whole_number_is_an_error(cop):
+    row = Row({"question": "Q?", "opa": "w", "opb": "x", "opc": "y", "opd": "z", "cop": cop}, "f.jsonl:4")
+    with pytest.raises(MalformedRecordError, match=r"f.jsonl:4: field 'cop' must be an integer"):
+        med.parse_rows([row], index_base=0)
+
+
 def test_med_missing_option_names_file_line_field(tmp_path):
     path = tmp_path / "bad.jsonl"
     path.write_text('{"question": "Q", "opa": "a", "opb": "b", "opc": "c", "opd": "d", "cop": 1}\n'
@@ -130,3 +143,9 @@ def test_fact_original_layout():
 def test_fact_missing_target_names_field():
     with pytest.raises(MalformedRecordError, match=r"cf:2: field 'target_new'"):
         fact.parse_rows([Row({"prompt": "p", "subject": "s", "ground_truth": "g"}, "cf:2")])
+
+
+def test_fact_prompt_list_of_wrong_type_names_file_and_field():
+    record = {"prompt": "p", "subject": "s", "target_new": "n", "ground_truth": "g", "rephrase_prompt": 5}
+    with pytest.raises(MalformedRecordError, match=r"cf:9: field 'rephrase_prompt' must be a string or a list"):
+        fact.parse_rows([Row(record, "cf:9")])

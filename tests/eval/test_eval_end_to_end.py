@@ -115,3 +115,43 @@ def test_cli_reads_resolved_config_of_the_run(tokenizer, tmp_path):
         [row] = list(csv.DictReader(handle))
     assert row["run_name"] == run_cfg.run_name and row["mode"] == "fft" and row["model"] == "tiny-qwen2"
     assert row["checkpoint"] == str(checkpoint)
+
+
+def test_results_file_of_another_schema_fails_before_generation(tokenizer, tmp_path, monkeypatch):
+    import molf.eval.runner as runner
+
+    (tmp_path / "med.csv").write_text("run_name,accuracy\nold,50\n")
+    monkeypatch.setattr(runner, "generate_greedy", lambda *args, **kwargs: pytest.fail("generated before the check"))
+    cfg = StandaloneEvalConfig(dataset_type="med", eval_data_path=str(FIXTURES / "med" / "validation.jsonl"),
+                               results_dir=str(tmp_path))
+    with pytest.raises(ValueError, match="not this task's schema"):
+        evaluate_task("med", build_tiny_model("qwen2", seed=0, **TINY), tokenizer, cfg, _run_info("med"))
+    assert (tmp_path / "med.csv").read_text() == "run_name,accuracy\nold,50\n"
+
+
+def test_a_row_the_csv_refuses_is_kept_in_a_json_file(tokenizer, tmp_path, monkeypatch):
+    import molf.eval.runner as runner
+
+    def refuse(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(runner, "append_task_row", refuse)
+    cfg = StandaloneEvalConfig(dataset_type="med", eval_data_path=str(FIXTURES / "med" / "validation.jsonl"),
+                               num_eval_samples=2, max_new_tokens=2, results_dir=str(tmp_path))
+    with pytest.raises(OSError, match="disk full.*saved to .*e2e_med.unappended_row.json"):
+        evaluate_task("med", build_tiny_model("qwen2", seed=0, **TINY), tokenizer, cfg, _run_info("med"))
+    kept = json.loads((tmp_path / "med_details" / "e2e_med.unappended_row.json").read_text())
+    assert kept["run_name"] == "e2e_med" and kept["num_eval"] == 2 and "accuracy" in kept
+
+
+def test_med_eval_prompt_is_the_training_prompt_under_max_seq_length(tokenizer):
+    from molf.data import load_examples
+    from molf.data.encoding import IGNORE_INDEX, encode_example, encode_prompt
+    from molf.eval.runner import _prompt_budget
+
+    cfg = DataConfig(dataset_type="med", eval_data_path=str(FIXTURES / "med" / "validation.jsonl"))
+    example = max(load_examples(cfg, "eval"), key=lambda e: len(e.prompt))
+    limit = len(tokenizer(example.prompt, add_special_tokens=False)["input_ids"]) - 5  # forces a cut
+    trained = encode_example(tokenizer, example.prompt, example.target, limit)
+    prompt_in_training = [t for t, label in zip(trained["input_ids"], trained["labels"]) if label == IGNORE_INDEX]
+    assert encode_prompt(tokenizer, example.prompt, _prompt_budget(tokenizer, example, limit)) == prompt_in_training

@@ -7,7 +7,7 @@ import multiprocessing
 
 import pytest
 
-from molf.eval.results import RUN_COLUMNS, TASK_METRICS, append_row, build_row, task_columns
+from molf.eval.results import RUN_COLUMNS, TASK_METRICS, append_row, build_row, check_task_file, task_columns
 
 COLUMNS = ("worker", "index", "text")
 
@@ -55,3 +55,19 @@ def test_build_row_orders_columns_and_checks_run_info():
         build_row("med", {k: v for k, v in run_info.items() if k != "seed"}, {"accuracy": 1, "invalid_answers": 0}, 1)
     with pytest.raises(ValueError, match="lack \\['invalid_answers'\\]"):
         build_row("med", run_info, {"accuracy": 1}, 1)
+
+
+def test_row_after_a_cut_short_last_line_starts_on_its_own_line(tmp_path):
+    path = tmp_path / "r.csv"
+    append_row(path, {"worker": 0, "index": 0, "text": "a"}, COLUMNS)
+    with path.open("a") as handle:
+        handle.write("1,1,cut sho")  # a writer killed mid-row
+    append_row(path, {"worker": 2, "index": 2, "text": "b"}, COLUMNS)
+    assert path.read_text().splitlines()[-2:] == ["1,1,cut sho", "2,2,b"]
+
+
+def test_check_task_file_rejects_another_schema_before_anything_runs(tmp_path):
+    assert check_task_file(tmp_path, "med") == tmp_path / "med.csv"  # no file yet: fine
+    (tmp_path / "med.csv").write_text("run_name,accuracy\nold,50\n")
+    with pytest.raises(ValueError, match="not this task's schema"):
+        check_task_file(tmp_path, "med")

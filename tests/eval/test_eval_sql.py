@@ -9,7 +9,8 @@ import pytest
 
 from molf.data import load_examples
 from molf.data.sql import SQLExample
-from molf.eval.sql import extract_sql, gold_is_ordered, results_match, run_query, score_sql
+from molf.eval.sql import (QueryResult, check_databases, extract_sql, gold_is_ordered, results_match, run_query,
+                           score_prediction, score_sql)
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "sql"
 
@@ -32,6 +33,11 @@ def _memory_example(context: str, gold: str = "SELECT 1") -> SQLExample:
     ("SELECT \"a;b\" FROM t WHERE c = 'x;y'", "SELECT \"a;b\" FROM t WHERE c = 'x;y'"),
     ("SELECT a FROM t\n### Instruction:\nmore", "SELECT a FROM t"),
     ("no query here", "no query here"),
+    ("(SELECT a FROM t) UNION (SELECT b FROM u);", "(SELECT a FROM t) UNION (SELECT b FROM u)"),
+    ("SELECT a FROM t -- the ; is a comment\nWHERE a > 1; SELECT 2", "SELECT a FROM t -- the ; is a comment\nWHERE a > 1"),
+    ("SELECT /* ; */ a FROM t; SELECT 2", "SELECT /* ; */ a FROM t"),
+    ("SELECT * FROM t;\n```", "SELECT * FROM t"),
+    ("SELECT * FROM t\n```\n\nExplanation of the query", "SELECT * FROM t"),
 ])
 def test_extract_first_complete_statement(generated, expected):
     assert extract_sql(generated) == expected
@@ -64,28 +70,37 @@ def test_wrong_query_is_not_an_execution_match_but_equivalent_one_is():
 def test_order_matters_only_with_gold_order_by():
     assert gold_is_ordered("SELECT a FROM t ORDER BY a")
     assert not gold_is_ordered("SELECT a FROM t WHERE a IN (SELECT a FROM u ORDER BY a LIMIT 2)")
-    assert results_match([(1,), (2,), (2,)], [(2,), (1,), (2,)], ordered=False)
-    assert not results_match([(1,), (2,)], [(1,), (2,), (2,)], ordered=False)
-    assert not results_match([(1,), (2,)], [(2,), (1,)], ordered=True)
+    assert results_match(QueryResult([(1,), (2,), (2,)]), QueryResult([(2,), (1,), (2,)]), ordered=False)
+    assert not results_match(QueryResult([(1,), (2,)]), QueryResult([(1,), (2,), (2,)]), ordered=False)
+    assert not results_match(QueryResult([(1,), (2,)]), QueryResult([(2,), (1,)]), ordered=True)
 
 
 def test_each_query_gets_a_fresh_database():
     example = _memory_example("CREATE TABLE t (a INT); INSERT INTO t VALUES (1);")
-    assert run_query(example, "DELETE FROM t", 5.0) == ([], None)
-    assert run_query(example, "SELECT a FROM t", 5.0) == ([(1,)], None)
+    assert run_query(example, "DELETE FROM t", 5.0) == (QueryResult([("t", "<columns>", "a")], changes_data=True), None)
+    assert run_query(example, "SELECT a FROM t", 5.0) == (QueryResult([(1,)]), None)
+
+
+def test_data_changing_gold_is_judged_by_the_data_it_leaves():
+    context = "CREATE TABLE t (id INT, d TEXT); INSERT INTO t VALUES (1, 'a'), (2, 'b');"
+    example = _memory_example(context, gold="UPDATE t SET d = 'z' WHERE id = 2")
+    same_effect = ["UPDATE t SET d = 'z' WHERE id > 1", "update t set d='z' where d = 'b'"]
+    other_effect = ["DELETE FROM t", "UPDATE t SET d = 'z'", "SELECT 1 WHERE 0", "SELECT * FROM t"]
+    assert all(score_prediction(example, query, 5.0).executed_match for query in same_effect)
+    assert not any(score_prediction(example, query, 5.0).executed_match for query in other_effect)
 
 
 def test_spider_database_is_read_only():
     [example] = _examples("spider_dev.jsonl")[:1]
-    rows, error = run_query(example, "DELETE FROM singer", 5.0)
-    assert rows is None and "readonly" in error.replace(" ", "").lower()
-    assert run_query(example, "SELECT count(*) FROM singer", 5.0)[0] == [(6,)]
+    result, error = run_query(example, "DELETE FROM singer", 5.0)
+    assert result is None and "readonly" in error.replace(" ", "").lower()
+    assert run_query(example, "SELECT count(*) FROM singer", 5.0)[0] == QueryResult([(6,)])
 
 
 def test_runaway_query_hits_the_time_limit():
     runaway = "WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n) SELECT count(*) FROM n"
-    rows, error = run_query(_memory_example(""), runaway, timeout_s=0.2)
-    assert rows is None and "timed out" in error
+    result, error = run_query(_memory_example(""), runaway, timeout_s=0.2)
+    assert result is None and "timed out" in error
 
 
 def test_missing_spider_database_is_a_clear_error(tmp_path):
@@ -93,3 +108,11 @@ def test_missing_spider_database_is_a_clear_error(tmp_path):
     moved = SQLExample(example.prompt, example.target, example.question, example.context, tmp_path / "x.sqlite")
     with pytest.raises(FileNotFoundError, match="--spider_databases_dir"):
         run_query(moved, "SELECT 1", 1.0)
+
+
+def test_missing_spider_databases_are_named_before_any_generation(tmp_path):
+    examples = _examples("spider_dev.jsonl")[:3]
+    check_databases(examples)
+    moved = [SQLExample(e.prompt, e.target, e.question, e.context, tmp_path / "gone" / "gone.sqlite") for e in examples[:2]]
+    with pytest.raises(FileNotFoundError, match=r"2 eval rows .*gone.sqlite \(2 rows\).*--spider_databases_dir"):
+        check_databases(examples + moved)

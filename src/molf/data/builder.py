@@ -28,16 +28,31 @@ def _data_file(path: Optional[str], split: str) -> Optional[Path]:
     return None if path is None else resolve_split_file(Path(path), split)
 
 
-def load_examples(cfg: Any, split: str) -> list:
-    """Parse the ``split`` ("train" or "eval") examples of ``cfg.dataset_type``.
+def eval_source(cfg: Any) -> tuple[Optional[str], str]:
+    """Where the eval examples come from: ``(path, split of that path)``; path None means the hub.
 
-    The eval split reads ``cfg.eval_data_path``; for ``fact`` it falls back to ``cfg.data_path``
-    (knowledge injection scores the trained rewrites), for the other tasks to the hub's eval split.
+    ``cfg.eval_data_path`` when given. Otherwise ``fact`` scores the training rewrites
+    (``cfg.data_path``, train split); ``med``/``sql`` read the eval file of a ``cfg.data_path``
+    directory (``validation.jsonl``, ...), or the hub's eval split when training data is from the hub too.
+
+    Raises:
+        ValueError: ``cfg.data_path`` is a local file and no ``eval_data_path`` says what to score on.
     """
+    if cfg.eval_data_path is not None or cfg.data_path is None:
+        return cfg.eval_data_path, "eval"
+    if cfg.dataset_type == "fact":
+        return cfg.data_path, "train"
+    if Path(cfg.data_path).is_dir():
+        return cfg.data_path, "eval"
+    raise ValueError(f"--data_path {cfg.data_path} is a local file but there is no --eval_data_path: pass the "
+                     "evaluation file with --eval_data_path (or --do_eval False); the hub's eval split is never "
+                     "used silently for a run trained on local data")
+
+
+def load_examples(cfg: Any, split: str) -> list:
+    """Parse the ``split`` ("train" or "eval") examples of ``cfg.dataset_type`` (eval: see ``eval_source``)."""
     module = task_module(cfg.dataset_type)
-    path = cfg.data_path if split == "train" else cfg.eval_data_path
-    if split == "eval" and path is None and cfg.dataset_type == "fact":
-        path, split = cfg.data_path, "train"
+    path, split = (cfg.data_path, "train") if split == "train" else eval_source(cfg)
     hub_split = module.HUB_TRAIN_SPLIT if split == "train" else module.HUB_EVAL_SPLIT
     rows = load_rows(path, split, module.HUB_ID, hub_split)
     if module is med:
@@ -51,7 +66,8 @@ def load_examples(cfg: Any, split: str) -> list:
 
 def _without_eval_overlap(cfg: Any, examples: list) -> list:
     """Report (and with ``drop_eval_overlap``, drop) training questions that are also eval questions."""
-    if cfg.dataset_type == "fact" or cfg.eval_data_path is None:
+    local_eval = cfg.eval_data_path is not None or (cfg.data_path is not None and Path(cfg.data_path).is_dir())
+    if cfg.dataset_type == "fact" or not local_eval:
         return examples
     evaluation = load_examples(cfg, "eval")
     if getattr(cfg, "drop_eval_overlap", False):

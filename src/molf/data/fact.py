@@ -52,8 +52,8 @@ def _prompt_list(row: Row, field: str) -> tuple[str, ...]:
     value = row.fields.get(field)
     if value is None:
         return ()
-    values = [value] if isinstance(value, str) else list(value)
-    if not all(isinstance(item, str) for item in values):
+    values = [value] if isinstance(value, str) else list(value) if isinstance(value, (list, tuple)) else None
+    if values is None or not all(isinstance(item, str) for item in values):
         raise MalformedRecordError(f"{row.where}: field {field!r} must be a string or a list of strings")
     return tuple(item.strip() for item in values if item.strip())
 

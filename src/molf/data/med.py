@@ -9,6 +9,8 @@ with base 0, ``cop`` 0 with base 1) is an error that names the flag to change, n
 
 from __future__ import annotations
 
+import numbers
+import re
 from dataclasses import dataclass
 from typing import Optional
 
@@ -41,10 +43,16 @@ def build_prompt(question: str, options: list[str]) -> str:
 
 def answer_letter(row: Row, index_base: int) -> str:
     raw = require(row, "cop")
-    try:
+    # An index written as text ("2") or as a whole float (2.0, as CSV/parquet readers give) is fine;
+    # 2.7 or a boolean is a broken record, not a guess.
+    if isinstance(raw, str) and re.fullmatch(r"\s*[+-]?\d+\s*", raw):
         cop = int(raw)
-    except (TypeError, ValueError):
-        raise MalformedRecordError(f"{row.where}: field 'cop' must be an integer answer index, got {raw!r}") from None
+    elif isinstance(raw, float) and raw.is_integer():
+        cop = int(raw)
+    elif isinstance(raw, numbers.Integral) and not isinstance(raw, bool):
+        cop = int(raw)
+    else:
+        raise MalformedRecordError(f"{row.where}: field 'cop' must be an integer answer index, got {raw!r}")
     index = cop - index_base
     if not 0 <= index < len(LETTERS):
         hint = ""

@@ -73,6 +73,29 @@ def _read_header(path: Path) -> list[str] | None:
         return next(csv.reader(handle), None)
 
 
+def _check_header(path: Path, header: list[str] | None, columns: tuple[str, ...]) -> None:
+    if header is not None and header != list(columns):
+        raise ValueError(f"{path} has columns {header}, not this task's schema {list(columns)}; "
+                         "write to another --results_dir or move the old file away")
+
+
+def _ends_with_newline(path: Path) -> bool:
+    with path.open("rb") as handle:
+        handle.seek(-1, os.SEEK_END)
+        return handle.read(1) == b"\n"
+
+
+def check_task_file(results_dir: str | os.PathLike, task: str) -> Path:
+    """Check, before an evaluation runs, that its row can be appended to the task's CSV.
+
+    Raises:
+        ValueError: the CSV exists with another header (the evaluation's result could not be kept).
+    """
+    path = results_path(results_dir, task)
+    _check_header(path, _read_header(path), task_columns(task))
+    return path
+
+
 def append_row(path: str | os.PathLike, row: Mapping[str, Any], columns: tuple[str, ...]) -> None:
     """Append ``row`` (keys exactly ``columns``) to the CSV at ``path``, writing the header first if new.
 
@@ -86,10 +109,10 @@ def append_row(path: str | os.PathLike, row: Mapping[str, Any], columns: tuple[s
     path.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(path) + ".lock"):
         header = _read_header(path)
-        if header is not None and header != list(columns):
-            raise ValueError(f"{path} has columns {header}, not this task's schema {list(columns)}; "
-                             "write to another --results_dir or move the old file away")
+        _check_header(path, header, columns)
         text = ("" if header is not None else _csv_line(list(columns))) + _csv_line([row[name] for name in columns])
+        if header is not None and not _ends_with_newline(path):
+            text = "\n" + text  # a row cut short by a killed writer stays on its own line
         with path.open("a", encoding="utf-8", newline="") as handle:
             handle.write(text)
             handle.flush()

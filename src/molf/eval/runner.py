@@ -10,13 +10,14 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from molf.data import load_examples
-from molf.data.encoding import encode_prompt
+from molf.data.encoding import encode_prompt, encode_target
 from molf.data.io import seeded_subset
+from molf.data.med import MedExample
 from molf.eval.fact import score_fact
 from molf.eval.generation import generate_greedy
 from molf.eval.med import score_med
-from molf.eval.results import append_task_row, build_row
-from molf.eval.sql import extract_sql, score_sql
+from molf.eval.results import append_task_row, build_row, check_task_file
+from molf.eval.sql import check_databases, extract_sql, score_sql
 
 logger = logging.getLogger(__name__)
 
@@ -32,13 +33,23 @@ def _eval_examples(cfg: Any, seed: int) -> list:
     return examples[:cfg.num_eval_samples] if cfg.num_eval_samples else examples
 
 
+def _prompt_budget(tokenizer, example, max_seq_length) -> int | None:
+    """Tokens left for the prompt: ``max_seq_length`` for SQL; for Med, what training leaves it next to
+    the answer (" X" + EOS), so the eval prompt is exactly the training prompt."""
+    if max_seq_length is None or not isinstance(example, MedExample):
+        return max_seq_length
+    return max(max_seq_length - len(encode_target(tokenizer, example.target)), 1)
+
+
 def _generate(model, tokenizer, cfg: Any, examples: list, max_new_tokens: int) -> list[str]:
-    prompts = [encode_prompt(tokenizer, example.prompt, cfg.max_seq_length) for example in examples]
+    prompts = [encode_prompt(tokenizer, example.prompt, _prompt_budget(tokenizer, example, cfg.max_seq_length))
+               for example in examples]
     return generate_greedy(model, tokenizer, prompts, cfg.eval_batch_size, max_new_tokens, desc=f"eval {cfg.dataset_type}")
 
 
 def evaluate_sql(model, tokenizer, cfg: Any, seed: int = 0) -> tuple[dict[str, Any], int, dict]:
     examples = _eval_examples(cfg, seed)
+    check_databases(examples)
     predictions = [extract_sql(text) for text in _generate(model, tokenizer, cfg, examples, cfg.max_new_tokens)]
     return score_sql(examples, predictions, getattr(cfg, "sql_timeout_s", 10.0)), len(examples), {}
 
@@ -63,6 +74,18 @@ def details_path(results_dir: str, task: str, run_name: str) -> Path:
     return Path(results_dir) / f"{task}_details" / f"{safe_name}.json"
 
 
+def _keep_unappended_row(results_dir: str, task: str, row: dict[str, Any]) -> Path:
+    """Write a row the CSV refused to a JSON file of its own, so the evaluation's result is not lost."""
+    details = details_path(results_dir, task, row["run_name"])
+    path = details.with_name(f"{details.stem}.unappended_row.json")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError:
+        path = Path.cwd() / path.name
+    path.write_text(json.dumps(row, indent=2, default=str) + "\n")
+    return path
+
+
 def evaluate_task(task: str, model, tokenizer, cfg: Any, run_info: Mapping[str, Any]) -> dict[str, Any]:
     """Evaluate ``model`` on ``task``, append one row to ``<cfg.results_dir>/<task>.csv``, return the metrics.
 
@@ -77,11 +100,17 @@ def evaluate_task(task: str, model, tokenizer, cfg: Any, run_info: Mapping[str, 
     """
     if task not in EVALUATORS:
         raise ValueError(f"unknown task {task!r}; choose one of {sorted(EVALUATORS)}")
+    check_task_file(cfg.results_dir, task)
     task_cfg = copy.copy(cfg)
     task_cfg.dataset_type = task
     seed = int(run_info.get("seed") or 0)
     metrics, num_eval, details = EVALUATORS[task](model, tokenizer, task_cfg, seed)
-    csv_path = append_task_row(cfg.results_dir, task, build_row(task, run_info, metrics, num_eval))
+    row = build_row(task, run_info, metrics, num_eval)
+    try:
+        csv_path = append_task_row(cfg.results_dir, task, row)
+    except (OSError, ValueError) as error:
+        kept = _keep_unappended_row(cfg.results_dir, task, row)
+        raise type(error)(f"{error} (this evaluation's row was saved to {kept} instead)") from error
     logger.info("%s: %s (row appended to %s)", task, metrics, csv_path)
     if details:
         path = details_path(cfg.results_dir, task, run_info["run_name"])

@@ -6,7 +6,9 @@ statements) or the row's Spider ``.sqlite`` opened read-only, under a time limit
 SQLite progress handler, so a runaway query cannot hang the evaluation.
 
 Result-set match: rows are compared as a multiset (order-insensitive, duplicates counted) unless
-the gold query has a top-level ORDER BY, in which case the row order must match too. Rows whose
+the gold query has a top-level ORDER BY, in which case the row order must match too. A statement
+without a result set (gretel's UPDATE / INSERT / DELETE rows) is judged by what it leaves behind:
+the contents of every table of its fresh database afterwards, compared as a multiset. Rows whose
 gold query fails to run are left out of execution accuracy and counted in ``gold_errors``.
 """
 
@@ -29,39 +31,54 @@ logger = logging.getLogger(__name__)
 
 _FENCE = re.compile(r"```[A-Za-z]*[ \t]*\n?(.*?)(?:```|$)", re.S)
 _SQL_START = re.compile(r"\b(WITH|SELECT|INSERT|UPDATE|DELETE|REPLACE|CREATE|DROP|ALTER|PRAGMA|VALUES)\b", re.I)
+_OPENING_PARENS = re.compile(r"(?:\(\s*)+$")  # "(" / "( (" right before the first keyword
 _CLOSING_QUOTE = {"'": "'", '"': '"', "`": "`", "[": "]"}
 # A runaway result (e.g. an accidental cross join) is cut here; it cannot match a sane gold result anyway.
 MAX_RESULT_ROWS = 100_000
 
 
 def _first_statement(text: str) -> str:
-    """Text up to the first ';' outside quotes, or up to an Alpaca '###' section line, or the end."""
-    closing: Optional[str] = None
-    for index, char in enumerate(text):
+    """Text up to the first ';' outside quotes and comments, or up to a line that starts an Alpaca
+    '###' section or a code fence, or the end."""
+    closing: Optional[str] = None  # the character or string that ends the quote or comment we are in
+    index = 0
+    while index < len(text):
+        char = text[index]
         if closing is not None:
-            if char == closing:
+            if text.startswith(closing, index):
+                index += len(closing) - 1
                 closing = None
         elif char in _CLOSING_QUOTE:
             closing = _CLOSING_QUOTE[char]
+        elif text.startswith("--", index):
+            closing = "\n"
+        elif text.startswith("/*", index):
+            closing = "*/"
         elif char == ";":
             return text[:index]
-        elif char == "\n" and text.startswith("###", index + 1):
+        elif char == "\n" and text.startswith(("###", "```"), index + 1):
             return text[:index]
+        index += 1
     return text
 
 
 def extract_sql(generated: str) -> str:
-    """The first complete SQL statement of a generation (inside the first fenced block if there is one).
+    """The first complete SQL statement of a generation.
 
-    It starts at the first SQL keyword and ends at the first top-level ';' not inside a string, so
-    subqueries, CTEs, UNION and INSERT ... SELECT stay whole.
+    The statement starts at the first SQL keyword (with any parentheses opened just before it, as in
+    ``(SELECT ...) UNION (SELECT ...)``) and ends at the first ';' outside strings and comments, so
+    subqueries, CTEs, UNION and INSERT ... SELECT stay whole. A fenced code block is read instead
+    when it opens before the first keyword; a fence after the query just ends it.
     """
-    fenced = _FENCE.search(generated)
-    text = fenced.group(1) if fenced else generated
+    fenced, keyword = _FENCE.search(generated), _SQL_START.search(generated)
+    use_fence = fenced is not None and (keyword is None or fenced.start() < keyword.start())
+    text = fenced.group(1) if use_fence else generated
     start = _SQL_START.search(text)
     if start is None:
         return text.strip()
-    return _first_statement(text[start.start():]).strip()
+    opening = _OPENING_PARENS.search(text, 0, start.start())
+    begin = opening.start() if opening else start.start()
+    return _first_statement(text[begin:]).strip()
 
 
 def _connect(example: SQLExample, deadline: float) -> sqlite3.Connection:
@@ -78,14 +95,37 @@ def _connect(example: SQLExample, deadline: float) -> sqlite3.Connection:
     return connection
 
 
-def run_query(example: SQLExample, query: str, timeout_s: float) -> tuple[Optional[list[tuple]], Optional[str]]:
-    """Rows of ``query`` in a fresh database for ``example``, or (None, error message)."""
+@dataclass(frozen=True)
+class QueryResult:
+    """What a statement produced: its result rows, or (``changes_data``) the database's contents after
+    a statement without a result set, one ``(table, *row)`` tuple per row and a ``(table,
+    "<columns>", *names)`` tuple per table."""
+
+    rows: list[tuple]
+    changes_data: bool = False
+
+
+def _database_contents(connection: sqlite3.Connection) -> list[tuple]:
+    tables = [name for (name,) in connection.execute(
+        "SELECT name FROM sqlite_master WHERE type = 'table' AND name NOT LIKE 'sqlite_%' ORDER BY name")]
+    contents: list[tuple] = []
+    for table in tables:
+        cursor = connection.execute(f'SELECT * FROM "{table.replace(chr(34), chr(34) * 2)}"')
+        contents.append((table, "<columns>", *(column[0] for column in cursor.description)))
+        contents.extend((table, *row) for row in cursor.fetchmany(MAX_RESULT_ROWS))
+    return contents
+
+
+def run_query(example: SQLExample, query: str, timeout_s: float) -> tuple[Optional[QueryResult], Optional[str]]:
+    """What ``query`` gives in a fresh database for ``example`` (see ``QueryResult``), or (None, error message)."""
     deadline = time.monotonic() + timeout_s
     connection = None
     try:
         connection = _connect(example, deadline)
-        rows = connection.execute(query).fetchmany(MAX_RESULT_ROWS)
-        return rows, None
+        cursor = connection.execute(query)
+        if cursor.description is None:  # UPDATE, INSERT, DELETE, CREATE, ...: judged by the data it leaves
+            return QueryResult(_database_contents(connection), changes_data=True), None
+        return QueryResult(cursor.fetchmany(MAX_RESULT_ROWS)), None
     except FileNotFoundError:
         raise
     except (sqlite3.Error, sqlite3.Warning, ValueError, OverflowError) as error:
@@ -105,10 +145,13 @@ def gold_is_ordered(gold: str) -> bool:
     return tree is not None and tree.args.get("order") is not None
 
 
-def results_match(gold_rows: Sequence[tuple], predicted_rows: Sequence[tuple], ordered: bool) -> bool:
-    if ordered:
-        return list(gold_rows) == list(predicted_rows)
-    return Counter(gold_rows) == Counter(predicted_rows)
+def results_match(gold: QueryResult, predicted: QueryResult, ordered: bool) -> bool:
+    """Same kind of result and the same rows: in order when ``ordered``, else as multisets."""
+    if gold.changes_data != predicted.changes_data:
+        return False
+    if ordered and not gold.changes_data:
+        return list(gold.rows) == list(predicted.rows)
+    return Counter(gold.rows) == Counter(predicted.rows)
 
 
 def normalize_text(query: str) -> str:
@@ -137,15 +180,29 @@ class SQLScore:
 
 
 def score_prediction(example: SQLExample, predicted: str, timeout_s: float) -> SQLScore:
-    gold_rows, gold_error = run_query(example, example.target, timeout_s)
-    predicted_rows, error = run_query(example, predicted, timeout_s) if predicted else (None, "empty prediction")
+    gold, gold_error = run_query(example, example.target, timeout_s)
+    result, error = run_query(example, predicted, timeout_s) if predicted else (None, "empty prediction")
     matched = None
     if gold_error is None:
-        matched = predicted_rows is not None and results_match(gold_rows, predicted_rows, gold_is_ordered(example.target))
+        matched = result is not None and results_match(gold, result, gold_is_ordered(example.target))
     gold_canonical = canonical_sql(example.target)
     logic = gold_canonical is not None and canonical_sql(predicted) == gold_canonical
-    return SQLScore(matched, normalize_text(predicted) == normalize_text(example.target), logic,
-                    predicted_rows is not None, error)
+    return SQLScore(matched, normalize_text(predicted) == normalize_text(example.target), logic, result is not None, error)
+
+
+def check_databases(examples: Sequence[SQLExample]) -> None:
+    """Fail before any generation when a Spider row's database file is missing.
+
+    Raises:
+        FileNotFoundError: naming each missing database and how many rows use it.
+    """
+    missing = Counter(str(example.db_path) for example in examples
+                      if example.db_path is not None and not example.db_path.is_file())
+    if missing:
+        listed = ", ".join(f"{path} ({count} rows)" for path, count in sorted(missing.items()))
+        raise FileNotFoundError(f"{sum(missing.values())} eval rows use Spider databases that are not there: {listed}; "
+                                "pass --spider_databases_dir (the folder holding <db_id>/<db_id>.sqlite) or leave "
+                                "those rows out of the eval file")
 
 
 def _percent(count: int, total: int) -> float:
