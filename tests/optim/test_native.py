@@ -190,3 +190,26 @@ def test_a_failed_build_is_tried_once_per_process(fresh_native, monkeypatch):
     for _ in range(3):
         assert not native.available()
     assert len(calls) == 1 and "broken compiler" in native.unavailable_reason()
+
+
+def test_a_cached_library_that_does_not_load_is_rebuilt(fresh_native, tmp_path):
+    assert native.available()
+    [built] = list((tmp_path / "cache").glob("molf_cpu_*.so"))
+    # The same name in a second cache holds garbage (a foreign or truncated file); the loaded file of the
+    # first cache is left alone, as overwriting a mapped library would crash this process.
+    fresh_native.setenv("MOLF_NATIVE_CACHE", str(tmp_path / "other"))
+    (tmp_path / "other").mkdir()
+    cached = tmp_path / "other" / built.name
+    cached.write_bytes(b"garbage")
+    native._load_once.cache_clear()
+    assert native.available()
+    assert cached.stat().st_size == built.stat().st_size
+
+
+def test_a_library_that_never_loads_makes_native_unavailable_not_a_crash(fresh_native, monkeypatch):
+    def load_fails(path):
+        raise OSError(f"{path}: failed to map segment from shared object")
+
+    monkeypatch.setattr(native.ctypes, "CDLL", load_fails)
+    assert not native.available() and "noexec" in native.unavailable_reason()
+    assert prepass.resolve_backend("auto", torch.device("cpu")) == "eager"

@@ -38,6 +38,8 @@ class OptimConfig:
             value = getattr(self, name)
             if not (math.isfinite(value) and value >= 0):
                 raise ValueError(f"{name} must be a finite number >= 0, got {value}")
+        if self.adam_epsilon == 0:
+            raise ValueError("adam_epsilon must be > 0: with 0, an element whose gradient is zero divides 0 by 0")
         for name in ("adam_beta1", "adam_beta2"):
             value = getattr(self, name)
             if not 0.0 <= value < 1.0:

@@ -26,6 +26,7 @@ is bit-identical with ``topk`` >= experts.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from itertools import compress
 from typing import Callable, Iterable, Sequence
@@ -67,12 +68,19 @@ class _ExpertIndex:
         self.cell_of: dict[int, int] = {}  # id(param) -> m * E + e
         self.numel = torch.ones(self.num_modules * self.num_experts)
         self.valid = torch.zeros(self.num_modules * self.num_experts, dtype=torch.bool)
-        for m_idx, (_, module) in enumerate(modules):
+        self._members: dict[int, list[tuple[str, Tensor]]] = {}  # cell -> (qualified name, param), for errors
+        for m_idx, (module_name, module) in enumerate(modules):
+            local_names = {id(p): n for n, p in module.named_parameters()}
             for e_idx, params in enumerate(module.expert_params()):
                 cell = m_idx * self.num_experts + e_idx
                 self.numel[cell] = float(sum(p.numel() for p in params))
                 self.valid[cell] = True
                 self.cell_of.update((id(p), cell) for p in params)
+                self._members[cell] = [(f"{module_name}.{local_names.get(id(p), '?')}", p) for p in params]
+
+    def params_of(self, cell: int) -> list[tuple[str, Tensor]]:
+        """``(qualified name, parameter)`` of every tensor of the expert in ``cell``."""
+        return self._members[cell]
 
 
 @dataclass
@@ -88,7 +96,7 @@ class _Bucket:
     cell_index: Tensor | None  # the same on the device, for index_add_
     steps: list[Tensor] | None = None  # fused path: the float32 step tensors of ``states``
     sqrts: list[Tensor] | None = None  # foreach path: sqrt(v) of this step, shared by scores and update
-    plan: object | None = None  # fused path: the score pre-pass plan of the bucket's backend
+    plan: object | None = None  # the score plan of the bucket's backend (fused path; foreach in bf16/fp16)
     native: native.NativePlan | None = None  # native path (CPU fp32 experts): the kernels' work items
     increments: list[Tensor] | None = None  # native path: this step's AdamW increments (the gradients)
 
@@ -172,8 +180,9 @@ class MoLFAdamW(Optimizer):
         fused: bool | None = None,
         score_backend: str = "auto",
     ) -> None:
-        if not (lr >= 0 and eps >= 0 and weight_decay >= 0 and all(0 <= b < 1 for b in betas)):
-            raise ValueError(f"invalid MoLFAdamW hyper-parameters lr={lr} betas={betas} eps={eps} wd={weight_decay}")
+        if not (lr >= 0 and eps > 0 and weight_decay >= 0 and all(0 <= b < 1 for b in betas)):
+            raise ValueError(f"invalid MoLFAdamW hyper-parameters lr={lr} betas={betas} eps={eps} wd={weight_decay} "
+                             "(lr, wd >= 0; eps > 0, as 0 divides 0 by 0 where a gradient is zero; betas in [0, 1))")
         if topk < 1:
             raise ValueError(f"topk must be >= 1 (experts updated per module per step), got {topk}")
         if score_backend not in prepass.BACKENDS:
@@ -184,6 +193,9 @@ class MoLFAdamW(Optimizer):
             raise ValueError("fused=True: torch's fused AdamW does not support these parameters' device or dtype; "
                              "pass fused=None (automatic) or fused=False")
         self.fused = supported if fused is None else fused
+        if not self.fused and score_backend != "auto":
+            warnings.warn(f"score_backend={score_backend!r} is ignored: without the fused path the scores come "
+                          "from the updated moments by foreach ops", stacklevel=2)
         self.score_backend = score_backend
         self.score_fn = get_score_fn(score_fn)
         self.topk = topk
@@ -238,8 +250,15 @@ class MoLFAdamW(Optimizer):
         if bad.size:
             name = self._experts.module_names[bad[0] // self._experts.num_experts]
             expert = self._experts.expert_names[bad[0] % self._experts.num_experts]
-            raise ValueError(f"expert {expert} of {name}: every parameter of an expert must be in the optimizer, "
-                             "all in one param group (build the groups with build_param_groups)")
+            if split[bad[0]]:
+                raise ValueError(f"expert {expert} of {name} is split across param groups; every parameter of an "
+                                 "expert must be in one group (build the groups with build_param_groups)")
+            grouped = {id(p) for group in self.param_groups for p in group["params"]}
+            absent = [f"{param_name} (requires_grad={p.requires_grad})"
+                      for param_name, p in self._experts.params_of(bad[0]) if id(p) not in grouped]
+            raise ValueError(f"expert {expert} of {name}: {', '.join(absent)} not in the optimizer; every parameter "
+                             "of an expert must be trainable and given to the optimizer (a frozen expert "
+                             "parameter is left out by build_param_groups)")
         return groups
 
     # ---- phase 1: gather ----
@@ -355,7 +374,11 @@ class MoLFAdamW(Optimizer):
             return self._native_pass(b)
         if not self.fused:  # the moments are already updated; sqrt(v) is kept for the update
             b.sqrts = torch._foreach_sqrt(b.exp_avg_sqs)
-            return self.score_fn.tensor_sums(b.exp_avgs, b.sqrts, SCORE_EPS)
+            if b.params[0].dtype == torch.float32:
+                return self.score_fn.tensor_sums(b.exp_avgs, b.sqrts, SCORE_EPS)
+            if not isinstance(b.plan, prepass.EagerPlan):
+                b.plan = prepass.eager_plan([p.numel() for p in b.params], b.params[0].device)
+            return prepass.moment_tensor_sums(self.score_fn, b.plan, b.exp_avgs, b.exp_avg_sqs)  # fp32 terms
         beta1, beta2 = self.param_groups[b.group_index]["betas"]
         backend = prepass.resolve_backend(self.score_backend, b.params[0].device)
         if backend == "triton":
@@ -391,19 +414,24 @@ class MoLFAdamW(Optimizer):
         device = buckets[0].params[0].device
         numel, valid, group_masks = self._consts(device)
         sums = torch.zeros(numel.numel(), device=device)  # (M * E,)
+        graded = torch.zeros(numel.numel(), dtype=torch.bool, device=device)  # (M * E,) has a gradient now
         for b in buckets:
             tensor_sums = self._tensor_sums(b)  # (P,)
             if tensor_sums.device != device:  # a model spread over devices: gather the sums on the first
                 tensor_sums = tensor_sums.to(device, non_blocking=True)
-            sums.index_add_(0, b.cell_index_on(device), tensor_sums)
+            cells = b.cell_index_on(device)
+            sums.index_add_(0, cells, tensor_sums)
+            graded[cells] = True
         lr = sum(mask * self.param_groups[g]["lr"] for g, mask in group_masks.items())  # (M, E)
         scores = self.score_fn.combine(sums.view(numel.shape), numel, lr)
-        scores = torch.where(valid, scores, torch.full_like(scores, float("-inf")))  # (M, E)
+        # Padding and experts without a gradient this step (a module the forward did not use) are not scored.
+        live = valid & graded.view(numel.shape)
+        scores = torch.where(live, scores, torch.full_like(scores, float("-inf")))  # (M, E)
         winners = select_topk(scores, self.topk)
         self.last_routing = RoutingDecision(scores, winners, self.module_names, self.expert_names,
                                             self.param_groups[0]["molf_step"])
         # The one host-device sync of the step: winners and non-finite flags travel together.
-        host = torch.stack([winners, valid & ~torch.isfinite(scores)]).cpu().numpy().reshape(2, -1)
+        host = torch.stack([winners, live & ~torch.isfinite(scores)]).cpu().numpy().reshape(2, -1)
         return host[0], host[1]
 
     def _reset_nonfinite(self, buckets: list[_Bucket], bad: np.ndarray) -> None:

@@ -124,6 +124,23 @@ def _load_once() -> tuple[ctypes.CDLL | None, str]:
         return None, str(err)
 
 
+def _build_or_open(cc: str, flags: list[str], path: Path) -> tuple[ctypes.CDLL | None, str]:
+    """The library at ``path``, built first when missing or when the cached file does not load
+    (truncated by a killed build); ``(None, why)`` when it cannot be had with these flags."""
+    if path.exists():
+        try:
+            return ctypes.CDLL(str(path)), ""
+        except OSError:
+            pass
+    error = _build(cc, flags, path)
+    if error is not None:
+        return None, error
+    try:
+        return ctypes.CDLL(str(path)), ""
+    except OSError as err:
+        return None, f"{err} (is {path.parent} on a noexec mount? set MOLF_NATIVE_CACHE)"
+
+
 def _build_and_load() -> ctypes.CDLL:
     if os.environ.get("MOLF_NATIVE", "1") == "0":
         raise NativeUnavailable("disabled by MOLF_NATIVE=0")
@@ -135,12 +152,10 @@ def _build_and_load() -> ctypes.CDLL:
         key = hashlib.sha256(b"\0".join([source, " ".join(_BASE_FLAGS + flags).encode(), cc.encode(),
                                          version.encode(), _cpu_fingerprint().encode()])).hexdigest()[:16]
         path = cache_dir() / f"molf_cpu_{key}.so"
-        if not path.exists():
-            error = _build(cc, flags, path)
-            if error is not None:
-                errors.append(f"{' '.join(flags) or '(no extra flags)'}: {error.splitlines()[-1]}")
-                continue
-        lib = ctypes.CDLL(str(path))
+        lib, error = _build_or_open(cc, flags, path)
+        if lib is None:
+            errors.append(f"{' '.join(flags) or '(no extra flags)'}: {error.splitlines()[-1]}")
+            continue
         lib.molf_moments_scores.argtypes = [_P, _P, _P, _P, _P, _P, _F64, _F64, _F64, _F64, _INT, _P, _P, _I64,
                                             _I64, _P, _I64, _P, _I64, _I64, _INT]
         lib.molf_moments_scores.restype = None

@@ -13,6 +13,9 @@ each element of ``g``, ``m`` and ``v`` is read once here and once by the update.
   shapes; opt-in, the first call compiles for tens of seconds);
 - ``triton``: one deterministic Triton launch per bucket on CUDA (``molf.optim.triton_scores``).
 
+Every backend forms the moments in the parameters' dtype (as the update stores them) and computes
+the score terms in fp32.
+
 The ``native`` backend (CPU, fp32) is not a pre-pass: its kernel updates the moments while it scores
 and leaves the AdamW increment for the winners' update (``molf.optim.native``).
 """
@@ -21,6 +24,7 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
+from typing import Callable, Sequence
 
 import torch
 from torch import Tensor
@@ -76,9 +80,37 @@ def _flat(t: Tensor, piece: _Piece, whole: bool) -> Tensor:
     return flat[piece.start:piece.stop]
 
 
+def _fp32_sums(score_fn: ScoreFn, ms: list[Tensor], vs: list[Tensor], owned: bool) -> Tensor:
+    """``score_fn.tensor_sums`` of ``m`` and ``sqrt(v)``, computed in fp32 whatever the moments' dtype
+    (``eps_s`` = 1e-8 underflows to 0 in fp16). ``owned``: ``vs`` may be overwritten."""
+    if ms[0].dtype != torch.float32:
+        ms, vs, owned = [m.float() for m in ms], [v.float() for v in vs], True
+    if owned:
+        torch._foreach_sqrt_(vs)
+    else:
+        vs = torch._foreach_sqrt(vs)
+    return score_fn.tensor_sums(ms, vs, SCORE_EPS)
+
+
+def _plan_sums(plan: EagerPlan, columns: Sequence[list[Tensor]], piece_sums: Callable[..., Tensor]) -> Tensor:
+    """Per-tensor sums of ``piece_sums`` applied batch by batch to the plan's pieces of ``columns``."""
+    sums = []
+    for batch in plan.batches:
+        pieces = []
+        for tensors in columns:
+            pieces.append([_flat(tensors[p.index], p, p.start == 0 and p.stop == tensors[p.index].numel())
+                           for p in batch])
+        sums.append(piece_sums(*pieces))
+    total = torch.zeros(plan.num_tensors, dtype=torch.float32, device=plan.owners.device)
+    return total.index_add_(0, plan.owners, torch.cat(sums))
+
+
 def eager_tensor_sums(score_fn: ScoreFn, plan: EagerPlan, grads: list[Tensor], exp_avgs: list[Tensor],
                       exp_avg_sqs: list[Tensor], beta1: float, beta2: float) -> Tensor:
     """Per-tensor score sums of the would-be moments, batch by batch.
+
+    The moments are formed in the parameters' dtype, as the update will store them; the score terms
+    are computed in fp32.
 
     Args:
         score_fn: the routing score; its ``tensor_sums`` is applied to ``m'`` and ``sqrt(v')``.
@@ -89,19 +121,19 @@ def eager_tensor_sums(score_fn: ScoreFn, plan: EagerPlan, grads: list[Tensor], e
     Returns:
         ``(P,)`` fp32 sums, one per tensor.
     """
-    piece_sums = []
-    for batch in plan.batches:
-        whole = [p.start == 0 and p.stop == grads[p.index].numel() for p in batch]
-        gs = [_flat(grads[p.index], p, w) for p, w in zip(batch, whole)]
-        ms = [_flat(exp_avgs[p.index], p, w) for p, w in zip(batch, whole)]
-        vs = [_flat(exp_avg_sqs[p.index], p, w) for p, w in zip(batch, whole)]
+    def piece_sums(gs: list[Tensor], ms: list[Tensor], vs: list[Tensor]) -> Tensor:
         new_m = torch._foreach_lerp(ms, gs, 1 - beta1)  # same formula as the moment update
         new_v = torch._foreach_mul(vs, beta2)
         torch._foreach_addcmul_(new_v, gs, gs, 1 - beta2)
-        torch._foreach_sqrt_(new_v)
-        piece_sums.append(score_fn.tensor_sums(new_m, new_v, SCORE_EPS))
-    sums = torch.zeros(plan.num_tensors, dtype=torch.float32, device=plan.owners.device)
-    return sums.index_add_(0, plan.owners, torch.cat(piece_sums))
+        return _fp32_sums(score_fn, new_m, new_v, owned=True)
+
+    return _plan_sums(plan, (grads, exp_avgs, exp_avg_sqs), piece_sums)
+
+
+def moment_tensor_sums(score_fn: ScoreFn, plan: EagerPlan, exp_avgs: list[Tensor], exp_avg_sqs: list[Tensor]) -> Tensor:
+    """Per-tensor score sums of already updated moments in a low-precision dtype, in fp32 batch by
+    batch (so the fp32 copies stay bounded)."""
+    return _plan_sums(plan, (exp_avgs, exp_avg_sqs), lambda ms, vs: _fp32_sums(score_fn, ms, vs, owned=False))
 
 
 @functools.lru_cache(maxsize=None)
@@ -109,8 +141,8 @@ def _compiled_sum(score_fn: ScoreFn):
     """One compiled reduction per score function; ``dynamic=True`` so every shape shares it."""
 
     def tensor_sum(g: Tensor, m: Tensor, v: Tensor, beta1: float, beta2: float) -> Tensor:
-        new_m = torch.lerp(m, g, 1 - beta1)
-        sqrt_v = torch.sqrt(v * beta2 + (1 - beta2) * g * g)
+        new_m = torch.lerp(m, g, 1 - beta1).float()  # the moments as stored, then fp32 score math
+        sqrt_v = torch.sqrt((v * beta2 + (1 - beta2) * g * g).float())
         if score_fn.term is None:
             return score_fn.tensor_sums([new_m], [sqrt_v], SCORE_EPS)
         return score_fn.term(new_m, sqrt_v, SCORE_EPS).sum(dtype=torch.float32).view(1)
@@ -122,7 +154,7 @@ def compiled_tensor_sums(score_fn: ScoreFn, grads: list[Tensor], exp_avgs: list[
                          exp_avg_sqs: list[Tensor], beta1: float, beta2: float) -> Tensor:
     """``eager_tensor_sums`` with one compiled single-pass reduction per tensor (no temporaries)."""
     fn = _compiled_sum(score_fn)
-    return torch.cat([fn(g.view(-1), m.view(-1), v.view(-1), beta1, beta2)
+    return torch.cat([fn(g.reshape(-1), m.reshape(-1), v.reshape(-1), beta1, beta2)
                       for g, m, v in zip(grads, exp_avgs, exp_avg_sqs)])
 
 
