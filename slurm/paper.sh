@@ -22,6 +22,13 @@ MAX_PARALLEL="${MAX_PARALLEL:-16}"     # array jobs running at once
 ENV_ACTIVATE="${ENV_ACTIVATE:-}"       # e.g. "source ~/venvs/molf/bin/activate" or "conda activate molf"
 HF_HOME="${HF_HOME:-$HOME/.cache/huggingface}"
 REPO_DIR="${REPO_DIR:-$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)}"
+# Submitted directly with `sbatch --array ...`, SLURM runs a copy of this script from its spool
+# directory: fall back to the submission directory (before the output roots below are derived).
+if [[ ! -f "$REPO_DIR/scripts/sweep.py" ]]; then REPO_DIR="${SLURM_SUBMIT_DIR:-$REPO_DIR}"; fi
+if [[ ! -f "$REPO_DIR/scripts/sweep.py" ]]; then
+    echo "REPO_DIR=$REPO_DIR is not a MoLF checkout: set REPO_DIR or submit from the repository root" >&2
+    exit 1
+fi
 CKPT_ROOT="${CKPT_ROOT:-$REPO_DIR/ckpts}"
 LOG_ROOT="${LOG_ROOT:-$REPO_DIR/logs}"
 RESULTS_DIR="${RESULTS_DIR:-$REPO_DIR/results}"
@@ -44,13 +51,6 @@ if [[ -z "${SLURM_ARRAY_TASK_ID:-}" ]]; then
     exec sbatch "${options[@]}" "${BASH_SOURCE[0]}"
 fi
 
-# Submitted directly with `sbatch --array ...`, SLURM runs a copy of this script from its spool
-# directory: fall back to the submission directory.
-if [[ ! -f "$REPO_DIR/scripts/sweep.py" ]]; then REPO_DIR="${SLURM_SUBMIT_DIR:-$REPO_DIR}"; fi
-if [[ ! -f "$REPO_DIR/scripts/sweep.py" ]]; then
-    echo "REPO_DIR=$REPO_DIR is not a MoLF checkout: set REPO_DIR or submit from the repository root" >&2
-    exit 1
-fi
 cd "$REPO_DIR"
 if [[ -n "$ENV_ACTIVATE" ]]; then eval "$ENV_ACTIVATE"; fi
 export HF_HOME

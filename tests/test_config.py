@@ -174,3 +174,25 @@ def test_strategy_mode_is_validated_at_parse_time():
     with pytest.raises(ValueError):
         parse_config(["--mode", "mixture_lora", "--num_experts", "2", "--expert_top_k", "3"])
     assert parse_config(["--mode", "dense_lora"]).mode == "dense_lora"
+
+
+def test_eval_data_path_names_the_run_only_when_it_filters_training_rows():
+    first, second = ({"data_path": "train.jsonl", "eval_data_path": path} for path in ("a.jsonl", "b.jsonl"))
+    assert TrainingConfig(**first).run_dir == TrainingConfig(**second).run_dir
+    assert TrainingConfig(**first, drop_eval_overlap=True).run_dir != TrainingConfig(**second, drop_eval_overlap=True).run_dir
+
+
+@pytest.mark.parametrize("mode", ["fft", "lora", "molf"])
+def test_handoff_outside_the_strategy_modes_is_an_error(mode):
+    handoff = {"fade": [{"target": "ffn", "start_step": 4, "duration": 4}]}
+    with pytest.raises(ValueError, match="handoff is for --mode moe_expert_lora only"):
+        TrainingConfig(mode=mode, handoff=handoff)
+
+
+def test_triton_score_backend_without_triton_fails_at_parse_time(monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "triton" else real(name, *a))
+    with pytest.raises(ValueError, match="molf_score_backend triton needs the 'triton' package"):
+        TrainingConfig(mode="molf", molf_score_backend="triton")

@@ -59,6 +59,9 @@ class TrainingConfig(TrainConfig, DataConfig, EvalConfig, OptimConfig, MoLFConfi
             self.molf_fft = False
 
     def _check_molf_flags(self) -> None:
+        if self.handoff is not None and self.mode not in STRATEGY_MODES:
+            raise ValueError(f"handoff is for --mode moe_expert_lora only (mode is {self.mode!r}); remove the "
+                             "handoff section or change --mode")
         if self.mode in MOLF_MODES:
             if self.molf_topk > self.molf_num_experts:
                 raise ValueError(
@@ -92,6 +95,8 @@ class TrainingConfig(TrainConfig, DataConfig, EvalConfig, OptimConfig, MoLFConfi
 
     def _check_environment(self) -> None:
         needs = {"flash_attention_2": "flash_attn"} if self.attn_implementation == "flash_attention_2" else {}
+        if self.molf_score_backend == "triton" and self.mode in MOLF_MODES:
+            needs["molf_score_backend triton"] = "triton"
         if self.report_to in ("tensorboard", "wandb"):
             needs[f"report_to {self.report_to}"] = self.report_to
         for what, module in needs.items():
@@ -142,6 +147,8 @@ class TrainingConfig(TrainConfig, DataConfig, EvalConfig, OptimConfig, MoLFConfi
     def identity_hash(self) -> str:
         """8 hex digits of SHA-1 over every field that changes what is trained."""
         fields = {k: v for k, v in dataclasses.asdict(self).items() if k not in _NOT_IDENTITY}
+        if self.drop_eval_overlap:  # the eval questions then decide which training rows are kept
+            fields["eval_data_path"] = self.eval_data_path
         return hashlib.sha1(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()[:8]
 
     @property

@@ -115,3 +115,16 @@ def test_linears_under_plain_containers():
     names = wrap_model_with_molf(model, WrapConfig(molf_exclude_modules=["1"], molf_lora_ranks=[2]))
     assert names == ["0.0"]
     assert isinstance(model[0][0], MoLFLinear)
+
+
+def test_expert_alpha_is_the_reference_32_for_every_rank_unless_given():
+    """The reference's MoLF mode gives every LoRA expert ``lora_alpha`` (default 32): with rsLoRA,
+    rank 128 gets s = 32 / sqrt(128); the effective-scale heuristic belongs to LoRA mode only."""
+    model = small_model("qwen2")
+    wrap_model_with_molf(model, WrapConfig(molf_lora_ranks=[32, 128]))
+    _, module = molf_modules(model)[0]
+    assert module.lora_alpha == [32.0, 32.0]
+    assert module.scaling == pytest.approx([32 / 32 ** 0.5, 32 / 128 ** 0.5])
+    given = small_model("qwen2")
+    wrap_model_with_molf(given, WrapConfig(molf_lora_ranks=[128], lora_alpha=16.0, use_rslora=False))
+    assert molf_modules(given)[0][1].scaling == pytest.approx([16 / 128])

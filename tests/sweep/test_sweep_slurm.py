@@ -100,3 +100,18 @@ def test_job_mode_skips_a_finished_run_from_a_spool_copy(tmp_path):
     assert result.returncode == 0, result.stderr
     assert "already exists" in result.stdout
     assert not (tmp_path / "torchrun.args").exists()
+
+
+def test_spool_copy_without_settings_writes_under_the_submission_directory(tmp_path):
+    bin_dir = _fake_bin(tmp_path, "torchrun")
+    spool_copy = tmp_path / "spool" / "slurm_script"
+    spool_copy.parent.mkdir()
+    spool_copy.write_text((SLURM / "molf.sh").read_text())
+    env = _env(tmp_path, bin_dir, SLURM_ARRAY_TASK_ID="0", SLURM_SUBMIT_DIR=str(REPO_ROOT))
+    for name in ("REPO_DIR", "CKPT_ROOT", "LOG_ROOT", "RESULTS_DIR"):
+        del env[name]
+    result = subprocess.run(["bash", str(spool_copy)], env=env, capture_output=True, text=True, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    train = (tmp_path / "torchrun.args").read_text().splitlines()
+    for flag, folder in (("--ckpt_dir_root", "ckpts"), ("--log_dir_root", "logs"), ("--results_dir", "results")):
+        assert train[train.index(flag) + 1] == str(REPO_ROOT / folder)

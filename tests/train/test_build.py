@@ -35,8 +35,10 @@ def test_training_arguments_follow_the_config(tmp_path):
 def test_resume_resolution(tmp_path):
     cfg = make_cfg(tmp_path, resume_from_checkpoint="auto")
     assert build.resolve_resume(cfg) is None  # nothing to resume yet: a fresh start
-    (cfg.run_dir / "checkpoint-2").mkdir(parents=True)
-    (cfg.run_dir / "checkpoint-10").mkdir()
+    for step in (2, 10, 12):
+        (cfg.run_dir / f"checkpoint-{step}").mkdir(parents=True)
+    for step in (2, 10):  # checkpoint-12 lacks trainer_state.json: a run killed while saving it
+        (cfg.run_dir / f"checkpoint-{step}" / "trainer_state.json").write_text("{}")
     assert build.resolve_resume(cfg).endswith("checkpoint-10")
     with pytest.raises(FileNotFoundError, match="not a directory"):
         build.resolve_resume(make_cfg(tmp_path, resume_from_checkpoint=str(tmp_path / "missing")))

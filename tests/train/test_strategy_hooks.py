@@ -113,14 +113,16 @@ def test_extra_loss_is_added_once_per_optimizer_step(tmp_path, tokenizer, accumu
     assert b == pytest.approx([x + 1.0 for x in a], abs=1e-4)
 
 
-def test_phased_strategy_resumes_into_its_phase(tmp_path, tokenizer):
-    """A checkpoint taken after a phase change resumes with that phase's optimizer (and equal weights)."""
+@pytest.mark.parametrize("save_steps", [3, 2])  # after the change at step 2; exactly at it
+def test_phased_strategy_resumes_into_its_phase(tmp_path, tokenizer, save_steps):
+    """A checkpoint taken after a phase change, or at the change (its optimizer still holds the old
+    phase's groups), resumes with that phase's optimizer and ends with equal weights."""
     import shutil
 
     from molf.train.build import align_strategy_with_checkpoint, attach_strategy, resolve_resume
 
     phases = [{"step": 0, "trainable": ["router", "lora"]}, {"step": 2, "trainable": ["lora", "base_ffn"]}]
-    common = dict(max_steps=5, save_strategy="steps", save_steps=3, save_total_limit=None, num_experts=2,
+    common = dict(max_steps=5, save_strategy="steps", save_steps=save_steps, save_total_limit=None, num_experts=2,
                   expert_top_k=1, lora_rank=4, phases=phases)
 
     def trained(cfg, checkpoint=None):
@@ -135,7 +137,8 @@ def test_phased_strategy_resumes_into_its_phase(tmp_path, tokenizer):
     full_cfg = make_cfg(tmp_path / "full", "moe_expert_lora", **common)
     full = trained(full_cfg)
     cut_cfg = make_cfg(tmp_path / "cut", "moe_expert_lora", resume_from_checkpoint="auto", **common)
-    shutil.copytree(full_cfg.run_dir / "checkpoint-3", cut_cfg.run_dir / "checkpoint-3")
+    name = f"checkpoint-{save_steps}"
+    shutil.copytree(full_cfg.run_dir / name, cut_cfg.run_dir / name)
     resumed = trained(cut_cfg, resolve_resume(cut_cfg))
     assert {g["kind"] for g in resumed.torch_optimizer.param_groups} == {"lora", "base_ffn"}
     expected = full.model.state_dict()
@@ -161,3 +164,18 @@ def test_final_strategy_checkpoint_reloads_with_the_same_logits(mode, tmp_path, 
         expected = merged.eval()(input_ids=inputs).logits
         got = load_final(final, cfg).eval()(input_ids=inputs).logits
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_strategy_log_items_describe_the_step_just_taken(tmp_path, tokenizer):
+    from molf.train.build import attach_strategy
+
+    phases = [{"step": 0, "trainable": ["router", "lora"]}, {"step": 2, "trainable": ["lora", "base_ffn"]}]
+    cfg = make_cfg(tmp_path, "moe_expert_lora", max_steps=4, logging_steps=1, num_experts=2, expert_top_k=1,
+                   lora_rank=4, phases=phases)
+    model = small_model()
+    runtime = attach_strategy(model, cfg)
+    trainer = build_trainer(cfg, model, tokenizer, token_dataset(num_rows=32), SFTCollator(tokenizer),
+                            strategy_runtime=runtime)
+    trainer.train()
+    phase_of_line = {h["step"]: h["strategy_phase"] for h in trainer.state.log_history if "loss" in h}
+    assert phase_of_line == {1: 0.0, 2: 0.0, 3: 1.0, 4: 1.0}  # steps 1-2 (indices 0, 1) trained in phase 0

@@ -10,14 +10,18 @@ import math
 from dataclasses import dataclass, field
 from typing import Optional
 
+# The reference's ``lora_alpha`` default, which its MoLF mode gives every LoRA expert.
+MOLF_DEFAULT_ALPHA = 32.0
+
 
 @dataclass
 class LoRAConfig:
     """LoRA hyper-parameters shared by ``lora`` (peft), MoLF's LoRA experts and the strategy variants."""
 
     lora_rank: int = 32
-    # None: derived per rank from ``lora_effective_scale`` (alpha = round(scale*sqrt(r)) with rsLoRA,
-    # scale*r without), so every rank gets the same effective scaling.
+    # None: for peft LoRA and the strategy adapters, derived per rank from ``lora_effective_scale``
+    # (alpha = round(scale*sqrt(r)) with rsLoRA, scale*r without), so every rank gets the same
+    # effective scaling; for MoLF's LoRA experts, 32 for every expert, as the reference does.
     lora_alpha: Optional[float] = None
     lora_effective_scale: float = 2.0
     lora_dropout: float = 0.05
@@ -32,6 +36,11 @@ class LoRAConfig:
             raise ValueError(f"lora_effective_scale must be positive, got {self.lora_effective_scale}")
         if not 0.0 <= self.lora_dropout < 1.0:
             raise ValueError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
+
+    def molf_expert_alpha(self) -> float:
+        """``lora_alpha`` of every MoLF LoRA expert: the given value, else the reference's default of 32
+        (its MoLF mode gives every expert ``lora_alpha``; the effective-scale heuristic is LoRA-mode only)."""
+        return float(self.lora_alpha) if self.lora_alpha is not None else MOLF_DEFAULT_ALPHA
 
     def alpha_for_rank(self, r: int) -> float:
         """``lora_alpha`` if given, else the reference heuristic that keeps the effective scale fixed."""

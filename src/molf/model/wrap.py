@@ -58,7 +58,7 @@ def wrap_model_with_molf(model: nn.Module, cfg: Any) -> list[str]:
         model: any ``nn.Module`` (linears may sit under any parent, ModuleList indices included).
         cfg: an object with the ``MoLFConfig`` and ``LoRAConfig`` fields (``molf_lora_ranks``,
             ``molf_fft``, ``molf_freeze_non_linear``, ``molf_target_modules``, ``molf_exclude_modules``,
-            ``lora_alpha``, ``lora_effective_scale``, ``lora_dropout``, ``use_rslora``), e.g. a
+            ``lora_alpha`` (default 32 per expert), ``lora_dropout``, ``use_rslora``), e.g. a
             ``molf.config.TrainingConfig``.
 
     Returns:
@@ -70,7 +70,7 @@ def wrap_model_with_molf(model: nn.Module, cfg: Any) -> list[str]:
     names = select_target_linears(model, cfg.molf_target_modules, list(cfg.molf_exclude_modules))
     tied = _shared_weights(model)
     ranks = [int(r) for r in cfg.molf_lora_ranks]
-    alphas = [LoRAConfig.alpha_for_rank(cfg, r) for r in ranks]
+    alphas = [LoRAConfig.molf_expert_alpha(cfg)] * len(ranks)
     for name in names:
         base = model.get_submodule(name)
         if id(base.weight) in tied:

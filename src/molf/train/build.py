@@ -8,7 +8,7 @@ from typing import Any, Iterable, Optional
 
 import torch
 from transformers import TrainerCallback, TrainingArguments
-from transformers.trainer_utils import get_last_checkpoint
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from molf.train.callbacks import METRICS_FILENAME, JsonMetricsCallback, RoutingLogCallback
 from molf.train.config import MOLF_MODES, RESUME_AUTO, STRATEGY_MODES
@@ -82,7 +82,9 @@ def align_strategy_with_checkpoint(runtime: Optional[Any], model: torch.nn.Modul
     from transformers import TrainerState
 
     step = TrainerState.load_from_json(str(Path(checkpoint) / "trainer_state.json")).global_step
-    runtime.on_step_begin(model, step)
+    # checkpoint-N holds the optimizer of step N - 1 (the last one taken); the callback's
+    # on_step_begin(N) then changes phase exactly as the uninterrupted run did.
+    runtime.on_step_begin(model, max(step - 1, 0))
 
 
 def training_arguments(cfg: Any) -> TrainingArguments:
@@ -165,8 +167,19 @@ def resolve_resume(cfg: Any) -> Optional[str]:
     if value is None:
         return None
     if value == RESUME_AUTO:
-        return get_last_checkpoint(str(cfg.run_dir)) if Path(cfg.run_dir).is_dir() else None
+        return last_complete_checkpoint(cfg.run_dir)
     if not Path(value).is_dir():
         raise FileNotFoundError(f"--resume_from_checkpoint {value} is not a directory; give a checkpoint-N "
                                 f"directory or 'auto' for the newest one in the run directory")
     return value
+
+
+def last_complete_checkpoint(run_dir: Path) -> Optional[str]:
+    """The newest ``checkpoint-N`` of ``run_dir`` that was written to the end (the Trainer writes
+    ``trainer_state.json`` last, so a run killed while saving leaves one without it), or None."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        return None
+    complete = [path for path in run_dir.glob(f"{PREFIX_CHECKPOINT_DIR}-*")
+                if path.name.split("-")[-1].isdigit() and (path / "trainer_state.json").is_file()]
+    return str(max(complete, key=lambda path: int(path.name.split("-")[-1]))) if complete else None

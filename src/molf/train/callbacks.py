@@ -57,7 +57,9 @@ class JsonMetricsCallback(TrainerCallback):
 
     def on_train_begin(self, args, state, control, **kwargs):
         if state.is_world_process_zero:
-            truncate_jsonl(self.path, state.global_step)
+            # The end-of-training summary of a finished run resumed from its last checkpoint is
+            # written again at the end; keep one.
+            truncate_jsonl(self.path, state.global_step, drop=lambda record: "train_runtime" in record)
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if not state.is_world_process_zero or not logs:

@@ -11,7 +11,7 @@ import json
 import math
 import os
 from pathlib import Path
-from typing import IO, Any, Optional, Sequence
+from typing import IO, Any, Callable, Optional, Sequence
 
 import torch
 
@@ -39,10 +39,10 @@ def step_record(decision: Any, step: int) -> dict[str, Any]:
     }
 
 
-def truncate_jsonl(path: Path, step: int) -> None:
+def truncate_jsonl(path: Path, step: int, drop: Optional[Callable[[dict], bool]] = None) -> None:
     """Rewrite a JSONL log (routing log or ``metrics.jsonl``) for a run resumed at ``step``: keep the
-    header and the lines with ``step <= step``, and stop at a torn last line of a killed run. The
-    file is replaced atomically, so a crash here loses nothing."""
+    header and the lines with ``step <= step`` (except those ``drop`` picks), and stop at a torn last
+    line of a killed run. The file is replaced atomically, so a crash here loses nothing."""
     path = Path(path)
     if not path.exists():
         return
@@ -53,6 +53,8 @@ def truncate_jsonl(path: Path, step: int) -> None:
                 record = json.loads(line)
             except json.JSONDecodeError:
                 break  # a torn last line of a killed run
+            if drop is not None and drop(record):
+                continue
             if record.get("type") == "header" or int(record.get("step", 0)) <= step:
                 kept.append(line if line.endswith("\n") else line + "\n")
     tmp = path.with_suffix(path.suffix + ".tmp")

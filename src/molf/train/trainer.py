@@ -90,7 +90,8 @@ class MoLFTrainer(Trainer):
             logs.update(self.throughput.read(self.state.global_step, self._sum_over_ranks))
             logs.update(self._strategy_items)
             if self.strategy_runtime is not None:
-                logs.update(self.strategy_runtime.log_items(self.state.global_step))
+                # global_step already counts the step just taken, whose 0-based index is one less.
+                logs.update(self.strategy_runtime.log_items(max(self.state.global_step - 1, 0)))
         super().log(logs, start_time)
 
     def _sum_over_ranks(self, tensor: torch.Tensor) -> torch.Tensor:
