@@ -9,6 +9,7 @@ Prints the tables; with -o also writes DIR/table1.md, DIR/table1.tex, DIR/runs.m
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 from molf.analysis.tables import (
@@ -67,4 +68,7 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except (ValueError, FileNotFoundError) as err:
+        sys.exit(f"error: {err}")

@@ -9,6 +9,7 @@ DIR (default: RUN_DIR/figures); the summary is printed and written to DIR/routin
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 from molf.analysis.routing_log import read_routing_log, resolve_log_path
@@ -37,4 +38,7 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except (ValueError, FileNotFoundError) as err:
+        sys.exit(f"error: {err}")

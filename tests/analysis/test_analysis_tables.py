@@ -102,3 +102,13 @@ def test_cli(tmp_path):
                             capture_output=True, text=True, check=True)
     assert "**53.50**" in result.stdout and r"\textbf{53.50}" in result.stdout
     assert {p.name for p in tmp_path.iterdir()} == {"table1.md", "table1.tex", "runs.md", "runs.tex"}
+
+
+def test_other_csvs_in_the_glob_are_skipped_with_a_warning(tmp_path):
+    bench = tmp_path / "bench_train.csv"
+    bench.write_text("mode,median_step_time_s\nfft,0.4\n")
+    with pytest.warns(UserWarning, match="skipped .*bench_train.csv: not evaluation results"):
+        results = load_results([bench, FIXTURES / "fact.csv"])
+    assert set(results["task"]) == {"fact"}
+    with pytest.warns(UserWarning), pytest.raises(ValueError, match="no results CSVs"):
+        load_results([bench])

@@ -8,6 +8,7 @@ hyperparameters that picked it; within each (model, task) the best method is in 
 from __future__ import annotations
 
 import math
+import warnings
 from pathlib import Path
 from typing import Iterable, Optional, Union
 
@@ -36,26 +37,39 @@ HPARAM_ABBREV = {"learning_rate": "lr", "lora_learning_rate": "lora lr", "weight
 _METRIC_TASK = {metric: task for task, metric in PRIMARY_METRICS.items()}
 
 
-def _task_of(path: Path, frame: pd.DataFrame) -> str:
+def _task_of(path: Path, frame: pd.DataFrame) -> Optional[str]:
     if path.stem in PRIMARY_METRICS:
         return path.stem
     for metric, task in _METRIC_TASK.items():
         if metric in frame.columns:
             return task
-    raise ValueError(f"cannot tell the task of {path}: name it sql.csv, med.csv or fact.csv (or give it "
-                     f"one of the columns {sorted(_METRIC_TASK)})")
+    return None
 
 
 def load_results(paths: Iterable[Union[str, Path]]) -> pd.DataFrame:
-    """Concatenate results CSVs, adding a ``task`` column (from the file name, else the metric columns)."""
-    frames = []
+    """Concatenate results CSVs, adding a ``task`` column (from the file name, else the metric columns).
+
+    Other CSVs matched by a glob such as ``results/*.csv`` (benchmarks) are skipped with a warning.
+
+    Raises:
+        FileNotFoundError: a path that is not a file.
+        ValueError: no path is a results CSV.
+    """
+    frames, skipped = [], []
     for path in map(Path, paths):
         if not path.is_file():
             raise FileNotFoundError(f"no results CSV at {path}; the evaluators write results/<task>.csv")
         frame = pd.read_csv(path)
-        frames.append(frame.assign(task=_task_of(path, frame)))
+        task = _task_of(path, frame)
+        if task is None:
+            skipped.append(str(path))
+            continue
+        frames.append(frame.assign(task=task))
+    if skipped:
+        warnings.warn(f"skipped {', '.join(skipped)}: not evaluation results (named sql/med/fact.csv or with "
+                      f"one of the columns {sorted(_METRIC_TASK)})", stacklevel=2)
     if not frames:
-        raise ValueError("no results CSVs given: pass e.g. results/*.csv")
+        raise ValueError("no results CSVs given: pass the evaluators' CSVs, e.g. results/*.csv or results/demo/*.csv")
     return pd.concat(frames, ignore_index=True)
 
 
