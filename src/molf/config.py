@@ -29,7 +29,8 @@ from molf.train.config import MOLF_MODES, STRATEGY_MODES, TrainConfig
 _NOT_IDENTITY = frozenset({
     "ckpt_dir_root", "log_dir_root", "logging_steps", "report_to", "save_strategy", "save_steps",
     "save_total_limit", "clean_ckpt_at_end", "only_eval", "validate_only", "preflight",
-    "resume_from_checkpoint", "dataloader_num_workers", "routing_log_every", "gradient_checkpointing",
+    "resume_from_checkpoint", "overwrite_run_dir", "dataloader_num_workers", "routing_log_every",
+    "gradient_checkpointing",
     "attn_implementation", "eval_data_path", "do_eval", "num_eval_samples", "eval_batch_size",
     "max_new_tokens", "results_dir", "sql_timeout_s", "spider_databases_dir", "molf_score_backend",
 })

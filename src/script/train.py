@@ -22,7 +22,8 @@ def say(*args) -> None:
 
 
 def check_local_paths(cfg: TrainingConfig) -> None:
-    """Fail before any model is loaded when a local data path is missing."""
+    """Fail before any model is loaded when a local data path is missing, the evaluation has no data
+    to score on, or the run directory holds an earlier run that this one would overwrite."""
     for flag in ("data_path", "eval_data_path"):
         value = getattr(cfg, flag)
         if value is not None and not Path(value).exists():
@@ -32,6 +33,10 @@ def check_local_paths(cfg: TrainingConfig) -> None:
         from molf.data.builder import eval_source
 
         eval_source(cfg)
+    if not (cfg.validate_only or cfg.preflight or cfg.only_eval):
+        from molf.train.build import outputs_to_clear
+
+        outputs_to_clear(cfg)
 
 
 def evaluate(cfg: TrainingConfig, model, tokenizer) -> None:
@@ -82,6 +87,10 @@ def train(cfg: TrainingConfig) -> None:
     dataset = build_train_dataset(cfg, tokenizer, cfg.seed)
     trainer = build.build_trainer(cfg, model, tokenizer, dataset, SFTCollator(tokenizer), strategy_runtime=runtime)
     if trainer.is_world_process_zero():
+        stale = build.outputs_to_clear(cfg)
+        if stale:
+            say(f"starting over in {cfg.run_dir}: removing {', '.join(stale)}")
+            build.clear_run_outputs(cfg.run_dir, stale)
         cfg.run_dir.mkdir(parents=True, exist_ok=True)
         with open(cfg.run_dir / "resolved_config.yaml", "w") as handle:
             cfg.dump_yaml(handle)

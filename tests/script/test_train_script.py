@@ -85,6 +85,11 @@ def test_train_merge_save_evaluate_then_only_eval(tmp_path, capsys):
     assert len(rows) == 1 and rows[0]["run_name"] == run_dir.name and rows[0]["num_eval"] == "4"
     assert script.main(flags(tmp_path, "--only_eval", "True")) == 0
     assert len(list(csv.DictReader(open(tmp_path / "results" / "med.csv")))) == 2
+    capsys.readouterr()
+    final_files = sorted(p.name for p in (run_dir / "final").iterdir())
+    assert script.main(flags(tmp_path)) == 2  # the same run again: refused before a model is loaded
+    assert "already holds this run (final, molf_routing.jsonl, metrics.jsonl)" in capsys.readouterr().err
+    assert sorted(p.name for p in (run_dir / "final").iterdir()) == final_files
 
 
 def test_count_params_script(capsys):

@@ -93,3 +93,32 @@ def test_peft_lora_mode_drops_its_inputs_with_lora_dropout(tmp_path):
     dropouts = [d for m in model.modules() if isinstance(getattr(m, "lora_dropout", None), torch.nn.ModuleDict)
                 for d in m.lora_dropout.values()]
     assert dropouts and all(type(d) is LoRADropout and d.p == 0.05 for d in dropouts)
+
+
+def test_an_earlier_run_in_the_run_directory_is_never_overwritten_silently(tmp_path):
+    cfg = make_cfg(tmp_path)
+    assert build.outputs_to_clear(cfg) == []  # nothing there yet
+    cfg.run_dir.mkdir(parents=True)
+    (cfg.run_dir / "metrics.jsonl").write_text('{"step": 1}\n')
+    (cfg.run_dir / "final").mkdir()
+    with pytest.raises(ValueError, match="already holds this run \\(final, metrics.jsonl\\).*--overwrite_run_dir"):
+        build.outputs_to_clear(cfg)
+    with pytest.raises(ValueError, match="--only_eval True"):  # finished, no checkpoint to continue
+        build.outputs_to_clear(make_cfg(tmp_path, resume_from_checkpoint="auto"))
+    overwrite = make_cfg(tmp_path, overwrite_run_dir=True)
+    assert build.outputs_to_clear(overwrite) == ["final", "metrics.jsonl"]
+    (cfg.run_dir / "resolved_config.yaml").write_text("mode: molf\n")
+    build.clear_run_outputs(cfg.run_dir, build.outputs_to_clear(overwrite))
+    assert sorted(p.name for p in cfg.run_dir.iterdir()) == ["resolved_config.yaml"]
+
+
+def test_auto_resume_continues_a_checkpoint_or_restarts_an_unfinished_run(tmp_path):
+    auto = make_cfg(tmp_path, resume_from_checkpoint="auto")
+    (auto.run_dir / "checkpoint-4").mkdir(parents=True)  # torn: no trainer_state.json
+    (auto.run_dir / "molf_routing.jsonl").write_text("{}\n")
+    assert build.outputs_to_clear(auto) == ["checkpoint-4", "molf_routing.jsonl"]  # nothing to continue
+    (auto.run_dir / "checkpoint-2").mkdir()
+    (auto.run_dir / "checkpoint-2" / "trainer_state.json").write_text("{}")
+    assert build.outputs_to_clear(auto) == []  # resumes from checkpoint-2
+    with pytest.raises(ValueError, match="drop --resume_from_checkpoint"):
+        make_cfg(tmp_path, resume_from_checkpoint="auto", overwrite_run_dir=True)

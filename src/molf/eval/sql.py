@@ -187,7 +187,8 @@ def score_prediction(example: SQLExample, predicted: str, timeout_s: float) -> S
         matched = result is not None and results_match(gold, result, gold_is_ordered(example.target))
     gold_canonical = canonical_sql(example.target)
     logic = gold_canonical is not None and canonical_sql(predicted) == gold_canonical
-    return SQLScore(matched, normalize_text(predicted) == normalize_text(example.target), logic, result is not None, error)
+    exact = normalize_text(predicted) == normalize_text(example.target)
+    return SQLScore(matched, exact, logic, result is not None, error)
 
 
 def check_databases(examples: Sequence[SQLExample]) -> None:

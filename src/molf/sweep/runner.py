@@ -32,8 +32,9 @@ class RunPaths:
     results_dir: str = "results"
 
     def args(self) -> list[str]:
+        # auto: a job cut off by a time limit continues from its last checkpoint when run again.
         return ["--ckpt_dir_root", self.ckpt_dir_root, "--log_dir_root", self.log_dir_root,
-                "--results_dir", self.results_dir]
+                "--results_dir", self.results_dir, "--resume_from_checkpoint", "auto"]
 
 
 def parse_indices(spec: str, num_jobs: int) -> list[int]:

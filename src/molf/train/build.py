@@ -183,3 +183,50 @@ def last_complete_checkpoint(run_dir: Path) -> Optional[str]:
     complete = [path for path in run_dir.glob(f"{PREFIX_CHECKPOINT_DIR}-*")
                 if path.name.split("-")[-1].isdigit() and (path / "trainer_state.json").is_file()]
     return str(max(complete, key=lambda path: int(path.name.split("-")[-1]))) if complete else None
+
+
+RUN_OUTPUTS = ("final", LOG_FILENAME, METRICS_FILENAME)
+
+
+def existing_run_outputs(run_dir: Path) -> list[str]:
+    """What a run already wrote into ``run_dir``: its ``checkpoint-N`` folders, ``final`` and logs."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        return []
+    found = sorted(path.name for path in run_dir.glob(f"{PREFIX_CHECKPOINT_DIR}-*"))
+    return found + [name for name in RUN_OUTPUTS if (run_dir / name).exists()]
+
+
+def outputs_to_clear(cfg: Any) -> list[str]:
+    """What of an earlier run in ``cfg.run_dir`` must go before this run starts (checked before any
+    model is loaded): everything with ``--overwrite_run_dir``; with ``--resume_from_checkpoint auto``
+    and no complete checkpoint, the leftovers of an unfinished run (logs, torn checkpoints); else nothing.
+
+    Raises:
+        ValueError: the directory holds an earlier run that this one would overwrite.
+    """
+    existing = existing_run_outputs(cfg.run_dir)
+    if not existing or cfg.overwrite_run_dir:
+        return existing
+    if cfg.resume_from_checkpoint not in (None, RESUME_AUTO):
+        return []
+    if cfg.resume_from_checkpoint == RESUME_AUTO:
+        if last_complete_checkpoint(cfg.run_dir) is not None:
+            return []
+        if "final" not in existing:
+            return existing
+    raise ValueError(f"{cfg.run_dir} already holds this run ({', '.join(existing)}): pass --resume_from_checkpoint "
+                     "auto to continue it from its last checkpoint, --only_eval True to evaluate its final model, or "
+                     "--overwrite_run_dir True to start it over (deleting those)")
+
+
+def clear_run_outputs(run_dir: Path, names: Iterable[str]) -> None:
+    """Delete the named outputs (from ``outputs_to_clear``) of ``run_dir``; the resolved config stays."""
+    import shutil
+
+    for name in names:
+        path = Path(run_dir) / name
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()

@@ -73,6 +73,9 @@ class TrainConfig:
     preflight: bool = False
     # A checkpoint directory, or "auto" for the newest checkpoint-* of the run directory.
     resume_from_checkpoint: Optional[str] = None
+    # Start over in a run directory that already holds this run (its checkpoints, final model and
+    # logs are deleted first); without it such a directory is an error unless the run is resumed.
+    overwrite_run_dir: bool = False
     dataloader_num_workers: int = 0
 
     def __post_init__(self) -> None:
@@ -87,6 +90,8 @@ class TrainConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.save_total_limit is not None and self.save_total_limit < 1:
             raise ValueError(f"save_total_limit must be >= 1 (or omitted to keep all), got {self.save_total_limit}")
+        if self.overwrite_run_dir and self.resume_from_checkpoint:
+            raise ValueError("--overwrite_run_dir starts the run over: drop --resume_from_checkpoint (or the overwrite)")
         if self.routing_log_every < 0:
             raise ValueError(f"routing_log_every must be >= 0 (0 disables the routing log), got {self.routing_log_every}")
         if self.dataloader_num_workers < 0:
