@@ -122,3 +122,14 @@ def test_auto_resume_continues_a_checkpoint_or_restarts_an_unfinished_run(tmp_pa
     assert build.outputs_to_clear(auto) == []  # resumes from checkpoint-2
     with pytest.raises(ValueError, match="drop --resume_from_checkpoint"):
         make_cfg(tmp_path, resume_from_checkpoint="auto", overwrite_run_dir=True)
+
+
+@pytest.mark.parametrize("mode", ["dense_lora", "mixture_lora", "moe_expert_lora"])
+def test_strategy_adapters_and_routers_have_their_buckets(tmp_path, mode):
+    model = small_model()
+    runtime = build.attach_strategy(model, make_cfg(tmp_path, mode, num_experts=2, expert_top_k=1, lora_rank=4))
+    counts = count_parameters(model)
+    assert counts["lora_experts"]["total"] == sum(p.numel() for p in runtime.groups["lora"]) > 0
+    assert counts["router"]["total"] == sum(p.numel() for p in runtime.groups["router"])
+    assert (counts["router"]["total"] > 0) == (mode != "dense_lora")
+    assert counts["other"]["total"] == count_parameters(small_model())["other"]["total"]

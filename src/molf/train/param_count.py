@@ -1,4 +1,5 @@
-"""Parameter counts per bucket: base weight, base bias, LoRA experts, other (``--preflight``, count_params)."""
+"""Parameter counts per bucket: base weight, base bias, LoRA experts / adapters, routers, other
+(``--preflight``, count_params)."""
 
 from __future__ import annotations
 
@@ -6,17 +7,22 @@ from typing import Optional
 
 from torch import nn
 
-BUCKETS = ("base_weight", "base_bias", "lora_experts", "other")
+BUCKETS = ("base_weight", "base_bias", "lora_experts", "router", "other")
 
 
 def _lora_params(model: nn.Module) -> set[int]:
-    """ids of LoRA parameters: MoLF experts and peft LoRA layers' adapters."""
+    """ids of LoRA parameters: MoLF experts, the strategy variants' adapters and peft LoRA layers'."""
     from molf.model.molf_linear import MoLFLinear
+    from molf.model.strategies.fused_lora import ExpertsLoRADelta
+    from molf.model.strategies.lora_linear import LoRALinear
+    from molf.model.strategies.mixture import MixtureLoRALinear
 
     ids: set[int] = set()
     for module in model.modules():
         if isinstance(module, MoLFLinear):
             ids.update(id(p) for p in [*module.lora_A, *module.lora_B])
+        elif isinstance(module, (LoRALinear, MixtureLoRALinear, ExpertsLoRADelta)):
+            ids.update(id(p) for p in module.lora_parameters())
     try:
         from peft.tuners.lora import LoraLayer
     except ImportError:
@@ -43,15 +49,22 @@ def _base_params(model: nn.Module, lora: set[int]) -> tuple[set[int], set[int]]:
     return weights, biases
 
 
+def _router_params(model: nn.Module) -> set[int]:
+    """ids of the strategy variants' router weights."""
+    from molf.model.strategies.routing import TopKRouter
+
+    return {id(p) for module in model.modules() if isinstance(module, TopKRouter) for p in module.parameters()}
+
+
 def count_parameters(model: nn.Module) -> dict[str, dict[str, int]]:
     """``{bucket: {"total": n, "trainable": n}}`` for every bucket plus ``all``; tied parameters count once."""
-    lora = _lora_params(model)
+    lora, routers = _lora_params(model), _router_params(model)
     weights, biases = _base_params(model, lora)
     counts = {b: {"total": 0, "trainable": 0} for b in (*BUCKETS, "all")}
     for p in model.parameters():  # deduplicated by nn.Module
         pid = id(p)
-        bucket = "lora_experts" if pid in lora else "base_weight" if pid in weights else \
-            "base_bias" if pid in biases else "other"
+        bucket = "lora_experts" if pid in lora else "router" if pid in routers else "base_weight" if pid in weights \
+            else "base_bias" if pid in biases else "other"
         for key in (bucket, "all"):
             counts[key]["total"] += p.numel()
             counts[key]["trainable"] += p.numel() if p.requires_grad else 0
