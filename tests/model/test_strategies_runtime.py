@@ -254,3 +254,24 @@ def test_ignored_knobs_warn():
         "num_experts is ignored in dense_lora", "expert_top_k is ignored in dense_lora",
         "attn_targets is ignored in dense_lora without attn_lora: true"]
     assert validate_strategy(StrategyLoRAConfig(num_experts=8, expert_top_k=1), "mixture_lora") == []
+
+
+def test_a_fade_cut_short_by_the_end_of_training_reloads_with_its_last_scales(tmp_path):
+    """Training stops at step index 6 (fades end at 8): the ffn LoRA is at scale 0.5, not 0, so export
+    keeps it; the scales saved with the checkpoint make the reload build the same model."""
+    from molf.model.strategies.structure import read_handoff_scales, save_handoff_scales
+
+    model = small_model("qwen2")
+    cfg = StrategyLoRAConfig(**HANDOFF_CFG)
+    runtime = apply_strategy(model, cfg, "moe_expert_lora")
+    train(model, runtime, range(7))
+    model.eval()
+    expected = model(IDS).logits
+    runtime.export(model)
+    assert runtime.export_scales == {"ffn": 0.5, "attn": pytest.approx(fade_scale(6, 4, 4, 0.5, "cosine"))}
+    assert _scales(model, "ffn") == {0.5}  # not zero: kept
+    save_handoff_scales(tmp_path, runtime.export_scales)
+    fresh = rebuild_strategy_structure(small_model("qwen2"), cfg, "moe_expert_lora",
+                                       lora_scales=read_handoff_scales(tmp_path))
+    fresh.load_state_dict(model.state_dict())  # strict: the ffn adapters are there too
+    torch.testing.assert_close(fresh.eval()(IDS).logits, expected)

@@ -79,7 +79,7 @@ def test_design_rules_raise():
     with pytest.raises(ValueError, match="last optimizer step is 10"):
         handoff_rules(handoff, "moe_expert_lora", PHASES, True, 11)
     (warning,) = handoff_rules(handoff, "moe_expert_lora", PHASES, True, 12)  # starts at 10 < 11: legal
-    assert "after training ends" in warning
+    assert "after the last step (11)" in warning
 
 
 def test_freeze_that_leaves_nothing_to_train_raises():
@@ -97,7 +97,11 @@ def test_warnings_on_windows():
     shifted = parse_handoff({"fade": FADE, "lr_ramp": {**RAMP, "end_step": 40}})
     (warning,) = handoff_rules(shifted, "moe_expert_lora", PHASES, True, 100)
     assert "different windows" in warning
-    assert any("after training ends" in w for w in handoff_rules(same, "moe_expert_lora", PHASES, True, 20))
+    assert any("after the last step" in w for w in handoff_rules(same, "moe_expert_lora", PHASES, True, 20))
+    end = FADE["start_step"] + FADE["duration"]  # a fade ending exactly at total_steps never reaches end_scale
+    (at_end,) = handoff_rules(same, "moe_expert_lora", PHASES, True, end)
+    assert f"after the last step ({end - 1})" in at_end
+    assert handoff_rules(same, "moe_expert_lora", PHASES, True, end + 1) == []
 
 
 def test_milestones_and_summary():

@@ -64,6 +64,10 @@ def save_final(model: nn.Module, tokenizer: Any, cfg: Any,
     final = run_dir / FINAL_DIR
     model.save_pretrained(str(final))
     tokenizer.save_pretrained(str(final))
+    if strategy_runtime is not None and strategy_runtime.export_scales:
+        from molf.model.strategies.structure import save_handoff_scales
+
+        save_handoff_scales(final, strategy_runtime.export_scales)
     return final, model
 
 
@@ -83,10 +87,10 @@ def load_final(final: Path, cfg: Any) -> nn.Module:
         return AutoModelForCausalLM.from_pretrained(final)
     from safetensors.torch import load_file
 
-    from molf.model.strategies import rebuild_strategy_structure
+    from molf.model.strategies.structure import read_handoff_scales, rebuild_strategy_structure
 
     model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(final))
-    rebuild_strategy_structure(model, cfg, cfg.mode)
+    rebuild_strategy_structure(model, cfg, cfg.mode, lora_scales=read_handoff_scales(final))
     state: dict = {}
     for path in sorted(Path(final).glob("*.safetensors")):
         state.update(load_file(str(path)))

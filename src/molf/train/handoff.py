@@ -238,9 +238,12 @@ def _handoff_warnings(handoff: Handoff, total_steps: Optional[int]) -> list[str]
         if ramp is not None and (ramp.start_step, ramp.end_step) != (fade.start_step, fade.end_step):
             warnings.append(f"the base_ffn LR ramp [{ramp.start_step}, {ramp.end_step}] and the {fade.target} fade "
                             f"[{fade.start_step}, {fade.end_step}] cover different windows")
-        if total_steps is not None and fade.end_step > total_steps:
-            warnings.append(f"the {fade.target} fade ends at step {fade.end_step}, after training ends "
-                            f"({total_steps} steps): its scale stops at {fade.scale_at(total_steps):.3g}")
+        # The last optimizer step has index total_steps - 1: a fade ending at total_steps never gets there.
+        if total_steps is not None and fade.end_step >= total_steps:
+            warnings.append(f"the {fade.target} fade ends at step {fade.end_step}, after the last step "
+                            f"({total_steps - 1}): its scale stops at {fade.scale_at(total_steps - 1):.3g} "
+                            f"(saved with the final model), not {fade.end_scale:g}; end it by step "
+                            f"{total_steps - 1} to reach end_scale")
     return warnings
 
 

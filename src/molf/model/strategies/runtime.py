@@ -77,6 +77,7 @@ class StrategyRuntime:
         self.groups = collect_groups(model)
         self.routers = [m for m in model.modules() if isinstance(m, TopKRouter)]
         self._faded = {"ffn": [], "attn": []}
+        self.export_scales: dict[str, float] = {}  # set by export() with a handoff
         for m in model.modules():
             if isinstance(m, (LoRALinear, ExpertsLoRADelta)):
                 self._faded[m.role].append(m)
@@ -195,6 +196,10 @@ class StrategyRuntime:
         if self.mode == "dense_lora":
             merge_dense(model)
         elif self.handoff is not None:
+            # The scale each target trained with last (its fade's end_scale only if the fade ended
+            # before the last step); saved with the checkpoint so a reload rebuilds the same model.
+            self.export_scales = {fade.target: float(self._faded[fade.target][0].lora_scale)
+                                  for fade in self.handoff.fades if self._faded[fade.target]}
             for fade in self.handoff.fades:
                 unwrap_faded(model, fade.target, self.handoff.export.remove_zero_scale, self.handoff.export.merge)
         return model

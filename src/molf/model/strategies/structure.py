@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from molf.model.strategies.dense import inject_attn_lora, inject_dense_lora, scoped_blocks
+from molf.model.strategies.fused_lora import ExpertsLoRADelta
 from molf.model.strategies.lora_linear import LoRALinear
 from molf.model.strategies.mixture import inject_mixture_lora
 from molf.model.strategies.moe_expert import inject_moe_expert_lora
@@ -40,7 +41,23 @@ def inject_strategy(model: nn.Module, cfg, mode: str) -> int:
     return count + inject_attn_lora(scoped_blocks(model, cfg), cfg)
 
 
-def rebuild_strategy_structure(model: nn.Module, cfg, mode: str, exported: bool = True) -> nn.Module:
+# Written next to an exported handoff checkpoint: the LoRA scale of each fade target when it was saved.
+HANDOFF_SCALES_FILE = "handoff_lora_scales.json"
+
+
+def save_handoff_scales(folder: str | Path, scales: dict[str, float]) -> None:
+    """Record the LoRA scale of each fade target at export (``StrategyRuntime.export_scales``)."""
+    (Path(folder) / HANDOFF_SCALES_FILE).write_text(json.dumps({"lora_scales": scales}, indent=2) + "\n")
+
+
+def read_handoff_scales(folder: str | Path) -> dict[str, float] | None:
+    """The scales ``save_handoff_scales`` wrote into ``folder``, or None (no handoff, or an older export)."""
+    path = Path(folder) / HANDOFF_SCALES_FILE
+    return json.loads(path.read_text())["lora_scales"] if path.is_file() else None
+
+
+def rebuild_strategy_structure(model: nn.Module, cfg, mode: str, exported: bool = True,
+                               lora_scales: dict[str, float] | None = None) -> nn.Module:
     """Re-create on a fresh base model the structure a strategy checkpoint was saved with.
 
     Then ``model.load_state_dict(saved)`` restores the trained routers and experts.
@@ -52,8 +69,10 @@ def rebuild_strategy_structure(model: nn.Module, cfg, mode: str, exported: bool 
         exported: True for a checkpoint written after ``StrategyRuntime.export`` (dense LoRA is then a
             plain model and nothing changes; a handoff's export is replayed: adapters whose fade ends at
             0 are removed when ``remove_zero_scale``, else merged when ``merge``; kept adapters get their
-            fade's ``end_scale``); False for the training structure (mid-run checkpoints: fade scales are
+            scale at export); False for the training structure (mid-run checkpoints: fade scales are
             runtime state, restored by ``StrategyRuntime.on_step_begin(model, step)``).
+        lora_scales: each fade target's scale at export (``read_handoff_scales`` of the checkpoint);
+            a target missing from it gets its fade's ``end_scale``.
 
     Returns:
         ``model``, modified in place.
@@ -64,14 +83,14 @@ def rebuild_strategy_structure(model: nn.Module, cfg, mode: str, exported: bool 
     inject_strategy(model, cfg, mode)
     handoff = parse_handoff(cfg.handoff) if exported and cfg.handoff is not None else None
     for fade in handoff.fades if handoff else ():
-        _set_scale(model, fade.target, fade.end_scale)
+        _set_scale(model, fade.target, (lora_scales or {}).get(fade.target, fade.end_scale))
         unwrap_faded(model, fade.target, handoff.export.remove_zero_scale, handoff.export.merge)
     return model
 
 
 def _set_scale(model: nn.Module, role: str, scale: float) -> None:
     for module in model.modules():
-        if isinstance(module, LoRALinear) and module.role == role:
+        if isinstance(module, (LoRALinear, ExpertsLoRADelta)) and module.role == role:
             module.lora_scale = scale
 
 
@@ -111,7 +130,7 @@ def load_strategy_model(checkpoint_dir: str | Path, cfg, mode: str, exported: bo
 
     folder = Path(checkpoint_dir)
     model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(folder), dtype=dtype)
-    rebuild_strategy_structure(model, cfg, mode, exported)
+    rebuild_strategy_structure(model, cfg, mode, exported, read_handoff_scales(folder) if exported else None)
     mismatch = (f"{folder} does not match the {mode} structure of this config; load it with the run's "
                 "resolved_config.yaml (and exported=False for mid-run checkpoints)")
     try:
