@@ -125,14 +125,20 @@ def test_handoff_fades_freezes_and_ramps(caplog):
     assert any("ffn LoRA fade ends" in r.getMessage() for r in caplog.records)
 
 
-def test_handoff_training_and_export_then_reload(tmp_path):
+def _trained_then_exported(steps: int):
+    """The HANDOFF_CFG model trained ``steps`` steps, its logits before export, then exported."""
     model = small_model("qwen2")
     cfg = StrategyLoRAConfig(**HANDOFF_CFG)
     runtime = apply_strategy(model, cfg, "moe_expert_lora")
-    train(model, runtime, range(10))
+    train(model, runtime, range(steps))
     model.eval()
     expected = model(IDS).logits
     runtime.export(model)
+    return model, cfg, runtime, expected
+
+
+def test_handoff_training_and_export_then_reload(tmp_path):
+    model, cfg, _, expected = _trained_then_exported(10)
     assert _scales(model, "ffn") == set()  # zero-scale adapters removed
     assert _scales(model, "attn") == {0.5}  # kept (merge is off)
     torch.testing.assert_close(model(IDS).logits, expected)
@@ -261,13 +267,7 @@ def test_a_fade_cut_short_by_the_end_of_training_reloads_with_its_last_scales(tm
     keeps it; the scales saved with the checkpoint make the reload build the same model."""
     from molf.model.strategies.structure import read_handoff_scales, save_handoff_scales
 
-    model = small_model("qwen2")
-    cfg = StrategyLoRAConfig(**HANDOFF_CFG)
-    runtime = apply_strategy(model, cfg, "moe_expert_lora")
-    train(model, runtime, range(7))
-    model.eval()
-    expected = model(IDS).logits
-    runtime.export(model)
+    model, cfg, runtime, expected = _trained_then_exported(7)
     assert runtime.export_scales == {"ffn": 0.5, "attn": pytest.approx(fade_scale(6, 4, 4, 0.5, "cosine"))}
     assert _scales(model, "ffn") == {0.5}  # not zero: kept
     save_handoff_scales(tmp_path, runtime.export_scales)

@@ -73,7 +73,7 @@ def extract_sql(generated: str) -> str:
     fenced, keyword = _FENCE.search(generated), _SQL_START.search(generated)
     use_fence = fenced is not None and (keyword is None or fenced.start() < keyword.start())
     text = fenced.group(1) if use_fence else generated
-    start = _SQL_START.search(text)
+    start = _SQL_START.search(text) if use_fence else keyword
     if start is None:
         return text.strip()
     opening = _OPENING_PARENS.search(text, 0, start.start())
@@ -110,7 +110,8 @@ def _database_contents(connection: sqlite3.Connection) -> list[tuple]:
         "SELECT name FROM sqlite_master WHERE type = 'table' AND name NOT LIKE 'sqlite_%' ORDER BY name")]
     contents: list[tuple] = []
     for table in tables:
-        cursor = connection.execute(f'SELECT * FROM "{table.replace(chr(34), chr(34) * 2)}"')
+        quoted = '"' + table.replace('"', '""') + '"'
+        cursor = connection.execute(f"SELECT * FROM {quoted}")
         contents.append((table, "<columns>", *(column[0] for column in cursor.description)))
         contents.extend((table, *row) for row in cursor.fetchmany(MAX_RESULT_ROWS))
     return contents

@@ -376,9 +376,7 @@ class MoLFAdamW(Optimizer):
             b.sqrts = torch._foreach_sqrt(b.exp_avg_sqs)
             if b.params[0].dtype == torch.float32:
                 return self.score_fn.tensor_sums(b.exp_avgs, b.sqrts, SCORE_EPS)
-            if not isinstance(b.plan, prepass.EagerPlan):
-                b.plan = prepass.eager_plan([p.numel() for p in b.params], b.params[0].device)
-            return prepass.moment_tensor_sums(self.score_fn, b.plan, b.exp_avgs, b.exp_avg_sqs)  # fp32 terms
+            return prepass.moment_tensor_sums(self.score_fn, _eager_plan(b), b.exp_avgs, b.exp_avg_sqs)  # fp32 terms
         beta1, beta2 = self.param_groups[b.group_index]["betas"]
         backend = prepass.resolve_backend(self.score_backend, b.params[0].device)
         if backend == "triton":
@@ -390,9 +388,8 @@ class MoLFAdamW(Optimizer):
                 return triton_scores.tensor_sums(self.score_fn, b.plan, grads, beta1, beta2)
         if backend == "compile":  # ("native" lands below for the buckets the kernels do not take)
             return prepass.compiled_tensor_sums(self.score_fn, b.grads(), b.exp_avgs, b.exp_avg_sqs, beta1, beta2)
-        if not isinstance(b.plan, prepass.EagerPlan):
-            b.plan = prepass.eager_plan([p.numel() for p in b.params], b.params[0].device)
-        return prepass.eager_tensor_sums(self.score_fn, b.plan, b.grads(), b.exp_avgs, b.exp_avg_sqs, beta1, beta2)
+        return prepass.eager_tensor_sums(self.score_fn, _eager_plan(b), b.grads(), b.exp_avgs, b.exp_avg_sqs,
+                                         beta1, beta2)
 
     def _native_pass(self, b: _Bucket) -> Tensor:
         """Native pass 1: moments, step counts, score sums, and the increments over the gradients."""
@@ -483,6 +480,13 @@ class MoLFAdamW(Optimizer):
                 _fused_adamw(*columns, group, lr, wd)
             elif select.any():
                 _fused_adamw(*(list(compress(c, select)) for c in columns), group, lr, wd)
+
+
+def _eager_plan(b: _Bucket) -> prepass.EagerPlan:
+    """The bucket's batching plan for the eager score sums, built on first use (buckets are cached)."""
+    if not isinstance(b.plan, prepass.EagerPlan):
+        b.plan = prepass.eager_plan([p.numel() for p in b.params], b.params[0].device)
+    return b.plan
 
 
 def _as_step(step: float | Tensor, device: torch.device, fused: bool) -> float | Tensor:

@@ -75,31 +75,19 @@ def load_final(final: Path, cfg: Any) -> nn.Module:
     """Load a run's ``final`` checkpoint for evaluation.
 
     A vanilla checkpoint loads with ``AutoModelForCausalLM``; a routed strategy's (``mixture_lora``,
-    ``moe_expert_lora``) is rebuilt with ``rebuild_strategy_structure`` first, then loaded strictly
-    (only a tied output head may be absent from the files).
+    ``moe_expert_lora``) with ``load_strategy_model``: its structure (and a handoff's export scales)
+    rebuilt first, then loaded strictly (only a tied output head may be absent from the files).
 
     Raises:
         ValueError: the files do not match the rebuilt structure.
     """
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
 
     if cfg.mode not in ("mixture_lora", "moe_expert_lora"):
         return AutoModelForCausalLM.from_pretrained(final)
-    from safetensors.torch import load_file
+    from molf.model.strategies import load_strategy_model
 
-    from molf.model.strategies.structure import read_handoff_scales, rebuild_strategy_structure
-
-    model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(final))
-    rebuild_strategy_structure(model, cfg, cfg.mode, lora_scales=read_handoff_scales(final))
-    state: dict = {}
-    for path in sorted(Path(final).glob("*.safetensors")):
-        state.update(load_file(str(path)))
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    tied = {"lm_head.weight"} if model.config.tie_word_embeddings else set()
-    if set(missing) - tied or unexpected:
-        raise ValueError(f"{final} does not match the {cfg.mode} structure of its config: missing "
-                         f"{sorted(set(missing) - tied)[:5]}, unexpected {sorted(unexpected)[:5]}")
-    return model
+    return load_strategy_model(final, cfg, cfg.mode)
 
 
 def clean_checkpoints(run_dir: Path) -> list[Path]:
