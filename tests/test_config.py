@@ -55,6 +55,8 @@ def test_molf_e_spellings_name_the_same_run(args):
     (["--lora_rank", "0"], "lora_rank must be a positive"),
     (["--mode", "fft", "--molf_topk", "2"], "used only by --mode molf"),
     (["--mode", "lora", "--molf_lora_ranks", "[8]"], "used only by --mode molf"),
+    (["--mode", "molf_e", "--molf_fft", "True"], "--mode molf_e has no FFT expert"),
+    (["--mode", "fft", "--molf_fft", "False"], "used only by --mode molf"),
     (["--lr_scheduler_type", "cosinus"], "lr_scheduler_type 'cosinus' is not supported"),
     (["--lr_scheduler_type", "reduce_lr_on_plateau"], "is not supported"),
     (["--warm_up_ratio", "1.5"], "warm_up_ratio"),
@@ -132,8 +134,15 @@ def test_run_name_is_readable():
     assert str(cfg.run_dir).startswith("ckpts")
 
 
-def test_yaml_round_trip(tmp_path):
-    cfg = parse_config(["--mode", "molf_e", "--molf_lora_ranks", "[32,128]", "--molf_topk", "2", "--seed", "3"])
+@pytest.mark.parametrize("args", [
+    ["--mode", "molf_e", "--molf_lora_ranks", "[32,128]", "--molf_topk", "2", "--seed", "3"],
+    ["--mode", "molf", "--seed", "3"],
+    ["--mode", "fft"],
+    ["--mode", "lora"],
+    ["--mode", "dense_lora"],
+])
+def test_yaml_round_trip(tmp_path, args):
+    cfg = parse_config(args)
     path = tmp_path / "resolved_config.yaml"
     with open(path, "w") as handle:
         cfg.dump_yaml(handle)

@@ -43,6 +43,10 @@ _SCORE_TAGS = {"true_projected": "epd", "projected": "pfn"}
 class TrainingConfig(TrainConfig, DataConfig, EvalConfig, OptimConfig, MoLFConfig, LoRAConfig, StrategyConfig):
     """Every flag of a run; see each component's config for the meaning of its fields."""
 
+    # Whether MoLF keeps the FFT expert. Unset, it follows --mode (True for molf, False for molf_e);
+    # --mode molf --molf_fft False is the reference's spelling of --mode molf_e.
+    molf_fft: Optional[bool] = None
+
     def __post_init__(self) -> None:
         for component in (TrainConfig, DataConfig, EvalConfig, OptimConfig, MoLFConfig, LoRAConfig, StrategyConfig):
             component.__post_init__(self)
@@ -54,10 +58,13 @@ class TrainingConfig(TrainConfig, DataConfig, EvalConfig, OptimConfig, MoLFConfi
 
     def _normalize_mode(self) -> None:
         # The reference spells MoLF-E as --mode molf --molf_fft False; both spellings name one run.
-        if self.mode == "molf" and not self.molf_fft:
+        if self.mode == "molf" and self.molf_fft is False:
             self.mode = "molf_e"
-        if self.mode == "molf_e":
-            self.molf_fft = False
+        if self.mode == "molf_e" and self.molf_fft is True:
+            raise ValueError("--mode molf_e has no FFT expert, so --molf_fft True contradicts it: drop "
+                             "--molf_fft, or use --mode molf to train the FFT expert")
+        if self.mode in MOLF_MODES:
+            self.molf_fft = self.mode == "molf"
 
     def _check_molf_flags(self) -> None:
         if self.handoff is not None and self.mode not in STRATEGY_MODES:
@@ -73,11 +80,14 @@ class TrainingConfig(TrainConfig, DataConfig, EvalConfig, OptimConfig, MoLFConfi
             return
         defaults = _defaults()
         changed = [name for name in _MOLF_FIELDS if getattr(self, name) != getattr(defaults, name)]
+        # A resolved_config.yaml holds molf_fft: true for every mode that is not MoLF-E.
+        changed = [name for name in changed if not (name == "molf_fft" and self.molf_fft is True)]
         if changed:
             raise ValueError(
                 f"{', '.join(changed)}: MoLF flags, used only by --mode molf / molf_e (mode is {self.mode!r}); "
                 "remove these flags or change --mode"
             )
+        self.molf_fft = True  # a fixed value, so that the run name does not depend on how it was spelled
         if self.mode in STRATEGY_MODES:
             self._check_strategy()
 
