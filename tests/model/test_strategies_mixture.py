@@ -85,9 +85,29 @@ def test_injection_and_router_losses_through_the_runtime():
     model(torch.randint(0, 128, (2, 5)))
     total, values = runtime.extra_loss(model)
     assert set(values) == {"router_z_loss", "router_aux_loss"}
-    expected = 1e-3 * values["router_z_loss"] + 1e-2 * values["router_aux_loss"]
+    assert not any(v.requires_grad for v in values.values())  # detached: logging them keeps no graph
+    expected = 1e-3 * values["router_z_loss"].item() + 1e-2 * values["router_aux_loss"].item()
     assert total.item() == pytest.approx(expected, rel=1e-5) and total.requires_grad
     assert runtime.extra_loss(model) == (None, {})  # consumed
+
+
+def test_router_losses_skip_padding_tokens():
+    torch.manual_seed(0)
+    router = TopKRouter(8, num_experts=4, top_k=2, renormalize=False).train()
+    real = torch.randn(6, 8)
+    padded = torch.cat([real, 30 * torch.randn(4, 8)])  # padding rows with large logits
+    router(real)
+    expected = router.last_losses
+    router(padded)
+    unmasked = router.last_losses
+    router.token_mask = torch.tensor([[1] * 6 + [0] * 4])  # (B=1, S=10), as the batch's attention mask
+    router(padded)
+    for got, want, other in zip(router.last_losses, expected, unmasked):
+        torch.testing.assert_close(got, want)
+        assert not torch.allclose(other, want)  # the padding would have changed both losses
+    router.token_mask = torch.ones(1, 3)  # the mask of another forward: ignored, every token counts
+    router(padded)
+    torch.testing.assert_close(router.last_losses[0], unmasked[0])
 
 
 def _toy_task(seed=0, d=8, experts=4):

@@ -24,6 +24,7 @@ class ScriptedRuntime:
         self.groups = {"lora": [p for n, p in params.items() if ".mlp." in n],
                        "base_ffn": [p for n, p in params.items() if ".self_attn." in n]}
         self.extra, self.active = extra, {"lora"}
+        self.masks, self.calls = [], 0
         self._set(model)
 
     def _set(self, model):
@@ -43,8 +44,12 @@ class ScriptedRuntime:
     def param_groups(self):
         return {kind: self.groups[kind] for kind in ("lora", "base_ffn") if kind in self.active}
 
+    def set_token_mask(self, attention_mask):
+        self.masks.append(attention_mask)
+
     def extra_loss(self, model):
-        return torch.tensor(self.extra), {"scripted_extra": self.extra}
+        self.calls += 1
+        return torch.tensor(self.extra), {"scripted_extra": self.extra, "scripted_call": float(self.calls)}
 
     def lr_multipliers(self, step):
         return {"base_ffn": 0.5}
@@ -102,6 +107,23 @@ def test_phase_change_rebuilds_with_kinds_multipliers_and_logs(tmp_path, tokeniz
         assert not torch.equal(dict(trainer.model.named_parameters())[name].detach(), value), name
     last = [h for h in trainer.state.log_history if "loss" in h][-1]
     assert last["scripted_extra"] == 0.0 and last["scripted_step"] == 5.0  # the 6th step has index 5
+    # The trainer hands each batch's attention mask to the runtime before the forward.
+    runtime = trainer.strategy_runtime
+    assert len(runtime.masks) == runtime.calls == 6
+    assert all(m is not None and tuple(m.shape) == (4, 12) for m in runtime.masks)
+    # Logged values are means over the micro-batches since the previous line (logging_steps=1 here).
+    assert [h["scripted_call"] for h in trainer.state.log_history if "loss" in h] == [1, 2, 3, 4, 5, 6]
+
+
+def test_logged_strategy_values_average_the_micro_batches(tmp_path, tokenizer):
+    cfg = make_cfg(tmp_path, "dense_lora", max_steps=4, logging_steps=2, per_device_batch_size=2,
+                   gradient_accumulation_steps=2)
+    model = small_model()
+    trainer = build_trainer(cfg, model, tokenizer, token_dataset(), SFTCollator(tokenizer),
+                            strategy_runtime=ScriptedRuntime(model, 0.0))
+    trainer.train()
+    # Lines at steps 2 and 4, each over 2 steps x 2 micro-batches: calls 1..4 and 5..8.
+    assert [h["scripted_call"] for h in trainer.state.log_history if "loss" in h] == [2.5, 6.5]
 
 
 @pytest.mark.parametrize("accumulation", [1, 2])

@@ -35,7 +35,9 @@ class MoLFTrainer(Trainer):
         self.run_cfg = run_cfg
         self.strategy_runtime = strategy_runtime
         self.throughput = ThroughputMeter()
-        self._strategy_items: dict[str, float] = {}
+        # Sums of the strategy's logged values (router losses) since the last log line, and their count.
+        self._strategy_sums: dict[str, torch.Tensor] = {}
+        self._strategy_count = 0
         if strategy_runtime is not None:
             self.add_callback(StrategyCallback(self))
 
@@ -69,12 +71,15 @@ class MoLFTrainer(Trainer):
         if not self.throughput.started:
             self.throughput.start(self.state.global_step)
         self.throughput.update(inputs)
+        if self.strategy_runtime is not None:
+            self.strategy_runtime.set_token_mask(inputs.get("attention_mask"))
         result = super().compute_loss(model, inputs, return_outputs=return_outputs,
                                       num_items_in_batch=num_items_in_batch)
         if self.strategy_runtime is None:
             return result
         extra, items = self.strategy_runtime.extra_loss(self.accelerator.unwrap_model(model))
-        self._strategy_items = items
+        if items and model.training:
+            self._add_strategy_items(items)
         if extra is None:
             return result
         if self.model_accepts_loss_kwargs and num_items_in_batch is not None:
@@ -88,11 +93,26 @@ class MoLFTrainer(Trainer):
     def log(self, logs: dict[str, float], start_time: Optional[float] = None) -> None:
         if "loss" in logs:
             logs.update(self.throughput.read(self.state.global_step, self._sum_over_ranks))
-            logs.update(self._strategy_items)
+            logs.update(self._read_strategy_items())
             if self.strategy_runtime is not None:
                 # global_step already counts the step just taken, whose 0-based index is one less.
                 logs.update(self.strategy_runtime.log_items(max(self.state.global_step - 1, 0)))
         super().log(logs, start_time)
+
+    def _add_strategy_items(self, items: dict[str, Any]) -> None:
+        for key, value in items.items():
+            value = torch.as_tensor(value, dtype=torch.float32).detach()
+            self._strategy_sums[key] = value if key not in self._strategy_sums else self._strategy_sums[key] + value
+        self._strategy_count += 1
+
+    def _read_strategy_items(self) -> dict[str, float]:
+        """Means over the micro-batches since the last log line (one host sync, at logging time)."""
+        if not self._strategy_count:
+            return {}
+        keys = list(self._strategy_sums)
+        means = (torch.stack([self._strategy_sums[k] for k in keys]) / self._strategy_count).tolist()
+        self._strategy_sums, self._strategy_count = {}, 0
+        return dict(zip(keys, means))
 
     def _sum_over_ranks(self, tensor: torch.Tensor) -> torch.Tensor:
         if self.accelerator.num_processes > 1:

@@ -1,6 +1,7 @@
 """Top-k token routing shared by ``mixture_lora`` and ``moe_expert_lora``, with the router losses.
 
-Router losses (computed on the fp32 logits of the tokens of one forward pass):
+Router losses (computed on the fp32 logits of the tokens of one forward pass; when the trainer has
+set ``token_mask`` (the batch's attention mask), padding tokens count in neither loss):
 
 - z-loss (ST-MoE, Zoph et al. 2022): ``mean_t (logsumexp_e z_te)^2``; keeps logits small.
 - load-balancing loss (Switch Transformer, Fedus et al. 2021): ``E * sum_e f_e * P_e`` with ``f_e`` the
@@ -53,6 +54,8 @@ class TopKRouter(nn.Module):
         nn.init.normal_(self.weight, std=in_features ** -0.5)
         # (z_loss, aux_loss) of the latest training forward; ``StrategyRuntime.extra_loss`` takes it.
         self.last_losses: tuple[torch.Tensor, torch.Tensor] | None = None
+        # (T,) 1 for the real tokens of the coming forward, 0 for padding; None: every token counts.
+        self.token_mask: torch.Tensor | None = None
 
     def forward(self, x: torch.Tensor) -> Routing:
         """Route tokens ``x`` (T, in); keeps the losses in ``last_losses`` when training with gradients."""
@@ -61,13 +64,25 @@ class TopKRouter(nn.Module):
         top_p, top_i = probs.topk(self.top_k, dim=-1)  # (T, k)
         if self.renormalize:
             top_p = top_p / top_p.sum(dim=-1, keepdim=True)
-        z_loss = torch.logsumexp(logits, dim=-1).square().mean()
-        assigned = F.one_hot(top_i, self.num_experts).sum(dim=(0, 1)).float()  # (E,)
-        fraction = assigned / max(top_i.numel(), 1)
-        aux_loss = self.num_experts * (fraction * probs.mean(dim=0)).sum()
+        z_loss, aux_loss = self._losses(logits, probs, top_i)
         if self.training and torch.is_grad_enabled():
             self.last_losses = (z_loss, aux_loss)
         return Routing(top_p, top_i, z_loss, aux_loss)
+
+    def _losses(self, logits: torch.Tensor, probs: torch.Tensor,
+                top_i: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(z_loss, aux_loss) over the tokens ``token_mask`` keeps (all when unset or of another size)."""
+        mask = self.token_mask
+        if mask is None or mask.numel() != logits.shape[0]:
+            weight = logits.new_ones(logits.shape[0])  # (T,)
+        else:
+            weight = mask.reshape(-1).to(device=logits.device, dtype=torch.float32)  # (T,)
+        tokens = weight.sum().clamp_min(1.0)  # weights, not boolean indexing: no host sync
+        z_loss = (torch.logsumexp(logits, dim=-1).square() * weight).sum() / tokens
+        assigned = (F.one_hot(top_i, self.num_experts).sum(dim=1).float() * weight[:, None]).sum(dim=0)  # (E,)
+        fraction = assigned / (tokens * self.top_k)
+        mean_prob = (probs * weight[:, None]).sum(dim=0) / tokens  # (E,)
+        return z_loss, self.num_experts * (fraction * mean_prob).sum()
 
 
 def dispatch(x: torch.Tensor, routing: Routing, num_experts: int, expert_fn) -> torch.Tensor:

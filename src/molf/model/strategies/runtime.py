@@ -138,7 +138,13 @@ class StrategyRuntime:
         """Currently trainable parameters by kind, to build one optimizer param group per kind."""
         return {kind: list(self.groups[kind]) for kind in TRAINABLE_KINDS if kind in self.active and self.groups[kind]}
 
-    def extra_loss(self, model: nn.Module) -> tuple[Optional[torch.Tensor], dict[str, float]]:
+    def set_token_mask(self, attention_mask: Optional[torch.Tensor]) -> None:
+        """Make the coming forward's router losses skip padding: ``attention_mask`` (B, S) of the batch,
+        or None to count every token. ``extra_loss`` clears it."""
+        for r in self.routers:
+            r.token_mask = attention_mask
+
+    def extra_loss(self, model: nn.Module) -> tuple[Optional[torch.Tensor], dict[str, torch.Tensor]]:
         """Weighted router losses of the latest training forward, averaged over routers.
 
         Args:
@@ -146,17 +152,19 @@ class StrategyRuntime:
 
         Returns:
             ``(router_z_loss_coef * z + router_aux_loss_coef * aux, {"router_z_loss": z, "router_aux_loss":
-            aux})`` with unweighted values for logging, or ``(None, {})`` without routers or forward.
+            aux})`` with the unweighted values detached for logging (tensors, so that reading them
+            costs no host sync per micro-batch), or ``(None, {})`` without routers or forward.
         """
         pairs = [r.last_losses for r in self.routers if r.last_losses is not None]
         for r in self.routers:
             r.last_losses = None
+            r.token_mask = None
         if not pairs:
             return None, {}
         z = torch.stack([zl for zl, _ in pairs]).mean()
         aux = torch.stack([al for _, al in pairs]).mean()
         total = self.router_z_loss_coef * z + self.router_aux_loss_coef * aux
-        return total, {"router_z_loss": z.item(), "router_aux_loss": aux.item()}  # host sync, once per micro-batch
+        return total, {"router_z_loss": z.detach(), "router_aux_loss": aux.detach()}
 
     def lr_multipliers(self, step: int) -> dict[str, float]:
         """LR multiplier per param-group kind at ``step`` (``base_ffn`` during the handoff ramp)."""
