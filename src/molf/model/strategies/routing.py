@@ -97,11 +97,15 @@ def dispatch(x: torch.Tensor, routing: Routing, num_experts: int, expert_fn) -> 
     Returns:
         (T, out) in ``x``'s dtype, or None if no expert received a token (T = 0).
     """
+    top_k = routing.experts.shape[-1]
+    flat = routing.experts.reshape(-1)  # (T*k,) expert of each assignment, token-major
+    order = torch.argsort(flat, stable=True)  # assignments grouped by expert, tokens ascending
+    counts = torch.bincount(flat, minlength=num_experts).tolist()  # the one host sync, to size the groups
     out = None
-    for e in range(num_experts):
-        token_idx, slot = torch.where(routing.experts == e)  # (n,), (n,); host sync to size the gather
-        if token_idx.numel() == 0:
+    for e, group in enumerate(order.split(counts)):
+        if group.numel() == 0:
             continue
+        token_idx, slot = group // top_k, group % top_k  # (n,), (n,)
         y = expert_fn(e, x[token_idx])  # (n, out)
         y = y * routing.weights[token_idx, slot, None].to(y.dtype)
         if out is None:
