@@ -116,11 +116,18 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except (ValueError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    from molf.train.build import finished_earlier
+
     say(f"run directory: {cfg.run_dir}")
     if cfg.validate_only:
         say("config is valid")
-    elif cfg.only_eval:
-        only_eval(cfg)
+    elif cfg.only_eval or finished_earlier(cfg):
+        if not cfg.only_eval:
+            say(f"{cfg.run_dir / 'final'} exists: this run finished training earlier, so it is "
+                + ("evaluated only" if cfg.do_eval else "left as it is (--do_eval False)")
+                + " (--overwrite_run_dir True trains it again)")
+        if IS_MAIN_RANK:  # under torchrun one process evaluates and writes the row
+            only_eval(cfg)
     else:
         train(cfg)
     return 0

@@ -92,6 +92,22 @@ def test_train_merge_save_evaluate_then_only_eval(tmp_path, capsys):
     assert sorted(p.name for p in (run_dir / "final").iterdir()) == final_files
 
 
+@pytest.mark.integration
+def test_a_resubmitted_run_that_died_evaluating_is_evaluated_not_retrained(tmp_path, capsys, monkeypatch):
+    script = load_script("train")
+    assert script.main(flags(tmp_path, "--do_eval", "False")) == 0  # trained and saved, no row yet
+    run_dir = next((tmp_path / "runs").iterdir())
+    assert not (run_dir / "final.partial").exists() and not (tmp_path / "results" / "med.csv").exists()
+    metrics = (run_dir / "metrics.jsonl").read_text()
+    capsys.readouterr()
+    monkeypatch.setattr(script, "train", lambda cfg: pytest.fail("a finished run was trained again"))
+    assert script.main(flags(tmp_path, "--resume_from_checkpoint", "auto")) == 0
+    assert "finished training earlier, so it is evaluated only" in capsys.readouterr().out
+    rows = list(csv.DictReader(open(tmp_path / "results" / "med.csv")))
+    assert [row["run_name"] for row in rows] == [run_dir.name]
+    assert (run_dir / "metrics.jsonl").read_text() == metrics
+
+
 def test_count_params_script(capsys):
     assert load_script("count_params").main(["--model_name_or_path", TINY, "--mode", "molf_e",
                                              "--molf_lora_ranks", "[4,8]"]) == 0

@@ -103,8 +103,9 @@ def test_an_earlier_run_in_the_run_directory_is_never_overwritten_silently(tmp_p
     (cfg.run_dir / "final").mkdir()
     with pytest.raises(ValueError, match="already holds this run \\(final, metrics.jsonl\\).*--overwrite_run_dir"):
         build.outputs_to_clear(cfg)
-    with pytest.raises(ValueError, match="--only_eval True"):  # finished, no checkpoint to continue
-        build.outputs_to_clear(make_cfg(tmp_path, resume_from_checkpoint="auto"))
+    auto = make_cfg(tmp_path, resume_from_checkpoint="auto")  # finished: nothing cleared, only evaluated
+    assert build.outputs_to_clear(auto) == [] and build.finished_earlier(auto)
+    assert not build.finished_earlier(cfg)
     overwrite = make_cfg(tmp_path, overwrite_run_dir=True)
     assert build.outputs_to_clear(overwrite) == ["final", "metrics.jsonl"]
     (cfg.run_dir / "resolved_config.yaml").write_text("mode: molf\n")
@@ -116,7 +117,9 @@ def test_auto_resume_continues_a_checkpoint_or_restarts_an_unfinished_run(tmp_pa
     auto = make_cfg(tmp_path, resume_from_checkpoint="auto")
     (auto.run_dir / "checkpoint-4").mkdir(parents=True)  # torn: no trainer_state.json
     (auto.run_dir / "molf_routing.jsonl").write_text("{}\n")
-    assert build.outputs_to_clear(auto) == ["checkpoint-4", "molf_routing.jsonl"]  # nothing to continue
+    (auto.run_dir / "final.partial").mkdir()  # killed while saving the final model
+    assert build.outputs_to_clear(auto) == ["checkpoint-4", "final.partial", "molf_routing.jsonl"]
+    assert not build.finished_earlier(auto)
     (auto.run_dir / "checkpoint-2").mkdir()
     (auto.run_dir / "checkpoint-2" / "trainer_state.json").write_text("{}")
     assert build.outputs_to_clear(auto) == []  # resumes from checkpoint-2

@@ -185,7 +185,7 @@ def last_complete_checkpoint(run_dir: Path) -> Optional[str]:
     return str(max(complete, key=lambda path: int(path.name.split("-")[-1]))) if complete else None
 
 
-RUN_OUTPUTS = ("final", LOG_FILENAME, METRICS_FILENAME)
+RUN_OUTPUTS = ("final", "final.partial", LOG_FILENAME, METRICS_FILENAME)
 
 
 def existing_run_outputs(run_dir: Path) -> list[str]:
@@ -200,7 +200,8 @@ def existing_run_outputs(run_dir: Path) -> list[str]:
 def outputs_to_clear(cfg: Any) -> list[str]:
     """What of an earlier run in ``cfg.run_dir`` must go before this run starts (checked before any
     model is loaded): everything with ``--overwrite_run_dir``; with ``--resume_from_checkpoint auto``
-    and no complete checkpoint, the leftovers of an unfinished run (logs, torn checkpoints); else nothing.
+    and no complete checkpoint, the leftovers of an unfinished run (logs, torn checkpoints); else nothing
+    (with ``auto`` and a ``final/``, the run finished training and ``finished_earlier`` holds).
 
     Raises:
         ValueError: the directory holds an earlier run that this one would overwrite.
@@ -211,13 +212,19 @@ def outputs_to_clear(cfg: Any) -> list[str]:
     if cfg.resume_from_checkpoint not in (None, RESUME_AUTO):
         return []
     if cfg.resume_from_checkpoint == RESUME_AUTO:
-        if last_complete_checkpoint(cfg.run_dir) is not None:
+        if "final" in existing or last_complete_checkpoint(cfg.run_dir) is not None:
             return []
-        if "final" not in existing:
-            return existing
+        return existing
     raise ValueError(f"{cfg.run_dir} already holds this run ({', '.join(existing)}): pass --resume_from_checkpoint "
                      "auto to continue it from its last checkpoint, --only_eval True to evaluate its final model, or "
                      "--overwrite_run_dir True to start it over (deleting those)")
+
+
+def finished_earlier(cfg: Any) -> bool:
+    """True when ``--resume_from_checkpoint auto`` finds the run's ``final/``: its training (and merge)
+    completed before, so only its evaluation is left (a resubmitted job that died while evaluating)."""
+    return (cfg.resume_from_checkpoint == RESUME_AUTO and not cfg.overwrite_run_dir
+            and (Path(cfg.run_dir) / "final").is_dir())
 
 
 def clear_run_outputs(run_dir: Path, names: Iterable[str]) -> None:

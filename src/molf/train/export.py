@@ -9,6 +9,7 @@ from typing import Any, Optional
 from torch import nn
 
 FINAL_DIR = "final"
+STAGING_DIR = "final.partial"  # where the final checkpoint is written before it is renamed to final/
 ADAPTER_DIR = "adapter"
 
 
@@ -53,7 +54,8 @@ def merged_model(model: nn.Module, cfg: Any, run_dir: Path, strategy_runtime: Op
 
 def save_final(model: nn.Module, tokenizer: Any, cfg: Any,
                strategy_runtime: Optional[Any] = None) -> tuple[Path, nn.Module]:
-    """Merge, unwrap and save ``<run_dir>/final`` (``save_pretrained`` + tokenizer).
+    """Merge, unwrap and save ``<run_dir>/final`` (``save_pretrained`` + tokenizer), written under
+    ``final.partial`` and renamed when complete.
 
     Returns:
         The directory of the checkpoint and the merged model (ready to evaluate).
@@ -61,13 +63,18 @@ def save_final(model: nn.Module, tokenizer: Any, cfg: Any,
     run_dir = Path(cfg.run_dir)
     model = merged_model(model, cfg, run_dir, strategy_runtime)
     model.config.use_cache = True
-    final = run_dir / FINAL_DIR
-    model.save_pretrained(str(final))
-    tokenizer.save_pretrained(str(final))
+    final, staging = run_dir / FINAL_DIR, run_dir / STAGING_DIR
+    if staging.exists():
+        shutil.rmtree(staging)
+    model.save_pretrained(str(staging))
+    tokenizer.save_pretrained(str(staging))
     if strategy_runtime is not None and strategy_runtime.export_scales:
         from molf.model.strategies.structure import save_handoff_scales
 
-        save_handoff_scales(final, strategy_runtime.export_scales)
+        save_handoff_scales(staging, strategy_runtime.export_scales)
+    if final.exists():
+        shutil.rmtree(final)
+    staging.rename(final)  # final/ exists only once complete: a run killed while saving leaves none
     return final, model
 
 
