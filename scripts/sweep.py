@@ -56,6 +56,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--keep_going", action="store_true", help="--run: continue after a failed job")
     parser.add_argument("--launcher", choices=["python", "torchrun"], default="python")
     parser.add_argument("--nproc", type=int, default=1, help="GPUs per job with --launcher torchrun")
+    parser.add_argument("--port", type=int, default=29500, help="--print: the torchrun --master_port shown")
     parser.add_argument("--ckpt_dir_root", default="ckpts")
     parser.add_argument("--log_dir_root", default="logs")
     parser.add_argument("--results_dir", default="results")
@@ -64,6 +65,9 @@ def _parser() -> argparse.ArgumentParser:
 
 def _select(args: argparse.Namespace, jobs: list[Job]) -> list[Job]:
     if args.index is not None:
+        if args.indices or args.filter:
+            raise ValueError("--index names one job by its array index: drop --indices / --filter, "
+                             "or select with those instead of --index")
         return [jobs[i] for i in parse_indices(str(args.index), len(jobs))]
     if args.indices:
         jobs = [jobs[i] for i in parse_indices(args.indices, len(jobs))]
@@ -89,13 +93,17 @@ def main(argv: list[str] | None = None) -> int:
     if (args.print or args.print_args or args.is_done) and args.index is None:
         raise SystemExit("--print, --print_args and --is_done need --index I")
     paths = RunPaths(args.ckpt_dir_root, args.log_dir_root, args.results_dir)
-    jobs = _select(args, grid_jobs(args.grid))
+    try:
+        jobs = _select(args, grid_jobs(args.grid))
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     if args.list:
         _list(jobs, paths, extra, args.show_done)
     elif args.print:
         job = jobs[0]
         print(f"{job.grid} #{job.index}: " + " ".join(f"{k}={v}" for k, v in job.flags.items()))
-        print(shlex.join(launch_command(train_args(job, paths, extra), args.launcher, args.nproc, port=29500)))
+        print(shlex.join(launch_command(train_args(job, paths, extra), args.launcher, args.nproc, port=args.port)))
     elif args.print_args:
         print("\n".join(train_args(jobs[0], paths, extra)))
     elif args.is_done:

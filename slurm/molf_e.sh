@@ -19,7 +19,9 @@ CPUS_PER_GPU="${CPUS_PER_GPU:-8}"
 MEM="${MEM:-64G}"
 TIME_LIMIT="${TIME_LIMIT:-24:00:00}"
 MAX_PARALLEL="${MAX_PARALLEL:-16}"     # array jobs running at once
-ENV_ACTIVATE="${ENV_ACTIVATE:-}"       # e.g. "source ~/venvs/molf/bin/activate" or "conda activate molf"
+# e.g. "source ~/venvs/molf/bin/activate", or for conda (a batch shell has no `conda init`):
+# 'source "$(conda info --base)/etc/profile.d/conda.sh" && conda activate molf'
+ENV_ACTIVATE="${ENV_ACTIVATE:-}"
 HF_HOME="${HF_HOME:-$HOME/.cache/huggingface}"
 REPO_DIR="${REPO_DIR:-$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)}"
 # Submitted directly with `sbatch --array ...`, SLURM runs a copy of this script from its spool
@@ -42,9 +44,11 @@ if [[ -z "${SLURM_ARRAY_TASK_ID:-}" ]]; then
     export PARTITION ACCOUNT QOS GPU_TYPE NUM_GPUS CPUS_PER_GPU MEM TIME_LIMIT MAX_PARALLEL ENV_ACTIVATE \
         HF_HOME REPO_DIR CKPT_ROOT LOG_ROOT RESULTS_DIR
     mkdir -p "$LOG_ROOT/slurm"
+    ARRAY="${ARRAY:-0-$((NUM_JOBS - 1))}"
+    if [[ "$ARRAY" != *%* ]]; then ARRAY="$ARRAY%$MAX_PARALLEL"; fi  # ARRAY=0-9%4 sets its own limit
     options=(--job-name "molf-$GRID" --partition "$PARTITION" --nodes 1 --ntasks 1
              --gres "gpu:${GPU_TYPE:+$GPU_TYPE:}$NUM_GPUS" --cpus-per-task "$((CPUS_PER_GPU * NUM_GPUS))"
-             --mem "$MEM" --time "$TIME_LIMIT" --array "${ARRAY:-0-$((NUM_JOBS - 1))}%$MAX_PARALLEL"
+             --mem "$MEM" --time "$TIME_LIMIT" --array "$ARRAY"
              --output "$LOG_ROOT/slurm/%x-%A_%a.out" --export ALL)
     if [[ -n "$ACCOUNT" ]]; then options+=(--account "$ACCOUNT"); fi
     if [[ -n "$QOS" ]]; then options+=(--qos "$QOS"); fi
@@ -52,14 +56,14 @@ if [[ -z "${SLURM_ARRAY_TASK_ID:-}" ]]; then
 fi
 
 cd "$REPO_DIR"
-if [[ -n "$ENV_ACTIVATE" ]]; then eval "$ENV_ACTIVATE"; fi
+# Activation scripts often read unset variables: run them without `set -u`.
+if [[ -n "$ENV_ACTIVATE" ]]; then set +u; eval "$ENV_ACTIVATE"; set -u; fi
 export HF_HOME
 INDEX="$SLURM_ARRAY_TASK_ID"
 SWEEP=(python scripts/sweep.py --grid "$GRID" --index "$INDEX"
        --ckpt_dir_root "$CKPT_ROOT" --log_dir_root "$LOG_ROOT" --results_dir "$RESULTS_DIR")
 
 echo "grid $GRID, index $INDEX of $NUM_JOBS, host $(hostname), $(date -u +%FT%TZ)"
-"${SWEEP[@]}" --print
 if "${SWEEP[@]}" --is_done; then
     echo "a result row for this run already exists in $RESULTS_DIR; nothing to do"
     exit 0
@@ -72,5 +76,5 @@ fi
 # A port picked at random per job, so array jobs sharing a node do not collide.
 PORT="$(python -c 'import socket; s = socket.socket(); s.bind(("", 0)); print(s.getsockname()[1]); s.close()')"
 # train.py writes into its own run directory under CKPT_ROOT and appends to RESULTS_DIR/<task>.csv.
-echo "torchrun --nnodes 1 --nproc_per_node $NUM_GPUS --master_port $PORT src/script/train.py ${ARGS[*]}"
+"${SWEEP[@]}" --print --launcher torchrun --nproc "$NUM_GPUS" --port "$PORT"  # the config and this command
 torchrun --nnodes 1 --nproc_per_node "$NUM_GPUS" --master_port "$PORT" src/script/train.py "${ARGS[@]}"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import warnings
 
 import pytest
@@ -173,10 +174,22 @@ def test_config_path_flag_and_override(tmp_path):
 
 def test_run_info_has_the_results_run_columns():
     info = parse_config(QUICKSTART).to_run_info()
-    assert set(info) == set(RUN_COLUMNS) - {"timestamp_utc", "num_eval"}
+    assert set(info) == set(RUN_COLUMNS) - {"timestamp_utc", "num_eval_samples", "num_eval"}
     assert info["molf_lora_ranks"] == "[128]" and info["lora_rank"] is None
     fft = TrainingConfig(mode="fft").to_run_info()
     assert fft["molf_topk"] is None and fft["lora_learning_rate"] is None
+    assert fft["other_hparams"] == "{}" and fft["max_steps"] is None and fft["num_train_epochs"] == 2
+
+
+def test_run_info_records_every_distinguishing_setting():
+    """Two runs that differ only in a setting without its own column still differ in their row."""
+    base = ["--mode", "molf", "--max_steps", "100"]
+    info = parse_config(base + ["--lora_alpha", "16", "--precision", "fp32", "--data_path", "tests/fixtures/med",
+                                "--eval_data_path", "tests/fixtures/med"]).to_run_info()
+    assert (info["max_steps"], info["num_train_epochs"]) == (100, None)  # max_steps decides the length
+    assert json.loads(info["other_hparams"]) == {"lora_alpha": 16.0, "precision": "fp32",
+                                                 "data_path": "tests/fixtures/med"}
+    assert json.loads(parse_config(base).to_run_info()["other_hparams"]) == {}
 
 
 def test_strategy_mode_is_validated_at_parse_time():

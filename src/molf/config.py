@@ -37,6 +37,13 @@ _NOT_IDENTITY = frozenset({
 _MOLF_FIELDS = ("molf_lora_ranks", "molf_fft", "molf_freeze_non_linear", "molf_target_modules",
                 "molf_exclude_modules", "molf_score_fn", "molf_topk", "molf_score_backend")
 _SCORE_TAGS = {"true_projected": "epd", "projected": "pfn"}
+# Fields with a results column of their own (``to_run_info``), left out of its ``other_hparams``.
+_OWN_COLUMNS = frozenset({
+    "mode", "model_name_or_path", "dataset_type", "learning_rate", "lora_learning_rate", "weight_decay",
+    "lora_weight_decay", "lora_rank", "molf_lora_ranks", "molf_topk", "molf_score_fn", "lr_scheduler_type",
+    "warm_up_ratio", "num_train_epochs", "max_steps", "per_device_batch_size", "gradient_accumulation_steps",
+    "seed",
+})
 
 
 @dataclass
@@ -188,12 +195,26 @@ class TrainingConfig(TrainConfig, DataConfig, EvalConfig, OptimConfig, MoLFConfi
             "molf_score_fn": self.molf_score_fn if molf else None,
             "lr_scheduler_type": self.lr_scheduler_type,
             "warm_up_ratio": self.warm_up_ratio,
-            "num_train_epochs": self.num_train_epochs,
+            "num_train_epochs": None if self.max_steps > 0 else self.num_train_epochs,
+            "max_steps": self.max_steps if self.max_steps > 0 else None,
             "per_device_batch_size": self.per_device_batch_size,
             "gradient_accumulation_steps": self.gradient_accumulation_steps,
             "seed": self.seed,
+            "other_hparams": json.dumps(self.other_hparams(), sort_keys=True, default=str),
             "checkpoint": str(self.run_dir / "final"),
         }
+
+    def other_hparams(self) -> dict[str, Any]:
+        """The fields in the run's identity that differ from their defaults and have no results column
+        of their own (e.g. ``data_path``, ``lora_alpha``, ``precision``, ``max_seq_length``)."""
+        defaults = _defaults()
+        fields = {k: v for k, v in dataclasses.asdict(self).items()
+                  if k not in _NOT_IDENTITY and k not in _OWN_COLUMNS and v != getattr(defaults, k)}
+        if self.drop_eval_overlap:
+            fields["eval_data_path"] = self.eval_data_path
+        # Set by the mode, not by the user: --mode molf_e says it already.
+        fields.pop("molf_fft", None)
+        return fields
 
     def dump_yaml(self, stream: IO[str]) -> None:
         """Write the config as YAML that ``--config_path`` reads back to an equal config."""

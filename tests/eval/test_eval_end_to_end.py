@@ -15,7 +15,7 @@ from molf.data import SFTCollator, build_train_dataset
 from molf.data.config import DataConfig
 from molf.eval import evaluate_task
 from molf.eval.cli import StandaloneEvalConfig, main
-from molf.eval.results import RUN_COLUMNS, TASK_METRICS
+from molf.eval.results import EVALUATOR_COLUMNS, RUN_COLUMNS, TASK_METRICS
 from molf.model.tiny import build_tiny_model
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
@@ -41,7 +41,7 @@ def _train_few_steps(model, dataset, tokenizer, steps=2):
 
 
 def _run_info(task):
-    info = {name: None for name in RUN_COLUMNS if name not in ("timestamp_utc", "num_eval")}
+    info = {name: None for name in RUN_COLUMNS if name not in EVALUATOR_COLUMNS}
     info.update(run_name=f"e2e_{task}", mode="fft", model="tiny-qwen2", dataset=task, learning_rate=1e-2, seed=0)
     return info
 
@@ -62,7 +62,7 @@ def test_train_evaluate_and_append_row(task, tokenizer, tmp_path):
     assert len(rows) == 1
     row = rows[0]
     assert list(row) == list(RUN_COLUMNS) + list(TASK_METRICS[task])
-    assert row["run_name"] == f"e2e_{task}" and row["num_eval"] == "4"
+    assert row["run_name"] == f"e2e_{task}" and row["num_eval"] == "4" and row["num_eval_samples"] == "4"
     for name in TASK_METRICS[task]:
         assert float(row[name]) == pytest.approx(metrics[name], nan_ok=True)
     if task != "fact":

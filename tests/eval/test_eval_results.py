@@ -7,7 +7,7 @@ import multiprocessing
 
 import pytest
 
-from molf.eval.results import RUN_COLUMNS, TASK_METRICS, append_row, build_row, check_task_file, task_columns
+from molf.eval.results import EVALUATOR_COLUMNS, RUN_COLUMNS, TASK_METRICS, append_row, build_row, check_task_file, task_columns
 
 COLUMNS = ("worker", "index", "text")
 
@@ -47,7 +47,7 @@ def test_schema_mismatch_is_an_error(tmp_path):
 
 
 def test_build_row_orders_columns_and_checks_run_info():
-    run_info = {name: 1 for name in RUN_COLUMNS if name not in ("timestamp_utc", "num_eval")}
+    run_info = {name: 1 for name in RUN_COLUMNS if name not in EVALUATOR_COLUMNS}
     row = build_row("med", run_info, {"accuracy": 50.0, "invalid_answers": 2, "extra": 1}, num_eval=4)
     assert set(row) == set(task_columns("med")) and row["num_eval"] == 4 and row["timestamp_utc"].endswith("Z")
     assert task_columns("sql")[-4:] == TASK_METRICS["sql"]

@@ -80,6 +80,33 @@ def test_done_detection(tmp_path):
     assert not is_done(grid_jobs("lora")[5], paths)
 
 
+@pytest.mark.parametrize("row, done", [
+    ({"accuracy": "0.5", "num_eval_samples": ""}, True),
+    ({"accuracy": "", "num_eval_samples": ""}, False),  # no metric: a row cut short by a killed writer
+    ({"accuracy": "nan", "num_eval_samples": ""}, False),
+    ({"accuracy": "0.5", "num_eval_samples": "200"}, False),  # a subset evaluation does not finish a full one
+])
+def test_only_a_complete_row_of_the_same_evaluation_marks_a_job_done(tmp_path, row, done):
+    paths = RunPaths(str(tmp_path / "ckpts"), str(tmp_path / "logs"), str(tmp_path / "results"))
+    job = grid_jobs("lora")[4]
+    (tmp_path / "results").mkdir()
+    with (tmp_path / "results" / f"{job.task}.csv").open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, ["run_name", "num_eval_samples", "accuracy"])
+        writer.writeheader()
+        writer.writerow({"run_name": job_config(job, paths).run_name, **row})
+    assert is_done(job, paths) is done
+    subset = ["--num_eval_samples", "200"]
+    assert is_done(job, paths, subset) is (done is False and row["accuracy"] == "0.5")
+
+
+def test_index_ranges_and_boolean_filters():
+    assert parse_indices("0-2,5", 10) == [0, 1, 2, 5]
+    with pytest.raises(ValueError, match="is empty: write the lower index first, e.g. 1-3"):
+        parse_indices("3-1", 10)
+    jobs = grid_jobs("molf")
+    assert filter_jobs(jobs, ["use_rslora=true"]) == filter_jobs(jobs, ["use_rslora=True"]) == jobs
+
+
 def test_run_resume_and_dry_run(tmp_path, monkeypatch, capsys):
     script = tmp_path / "train.py"
     script.write_text(FAKE_TRAIN)

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from molf.eval.results import TASK_METRICS
 from molf.sweep.grid import GRID_NAMES, grid_jobs
 from molf.sweep.runner import RunPaths, job_config
 from molf.sweep.slurm import render_slurm_script
@@ -64,6 +65,9 @@ def test_submit_mode_calls_sbatch(tmp_path):
     assert option["--gres"] == "gpu:h100:2" and option["--cpus-per-task"] == "16"
     assert option["--account"] == "proj42" and "--qos" not in option
     assert args[-1].endswith("slurm/fft.sh")
+    subprocess.run(["bash", str(SLURM / "fft.sh")], env={**env, "ARRAY": "0-9%2"}, check=True, cwd=tmp_path)
+    args = (tmp_path / "sbatch.args").read_text().splitlines()
+    assert args[args.index("--array") + 1] == "0-9%2"  # its own limit, not 0-9%2%4
 
 
 def test_job_mode_runs_torchrun_with_the_index_config(tmp_path):
@@ -78,6 +82,8 @@ def test_job_mode_runs_torchrun_with_the_index_config(tmp_path):
     assert args[:3] == ["--nnodes", "1", "--nproc_per_node"]
     port = int(args[args.index("--master_port") + 1])
     assert 0 < port < 65536
+    # The job prints the command it runs: torchrun with the job's port, not a python stand-in.
+    assert f"torchrun --nnodes 1 --nproc_per_node=1 --master_port={port} src/script/train.py" in result.stdout
     train = args[args.index("src/script/train.py") + 1:]
     assert train[: len(job.args())] == job.args()
     assert train[train.index("--results_dir") + 1] == str(tmp_path / "results")
@@ -89,7 +95,7 @@ def test_job_mode_skips_a_finished_run_from_a_spool_copy(tmp_path):
     paths = RunPaths(str(tmp_path / "ckpts"), str(tmp_path / "logs"), str(tmp_path / "results"))
     (tmp_path / "results").mkdir()
     with (tmp_path / "results" / f"{job.task}.csv").open("w", newline="") as handle:
-        csv.writer(handle).writerows([["run_name"], [job_config(job, paths).run_name]])
+        csv.writer(handle).writerows([["run_name", TASK_METRICS[job.task][0]], [job_config(job, paths).run_name, 0.5]])
     # As after a plain `sbatch --array`: SLURM runs a copy from its spool directory, REPO_DIR unset.
     spool_copy = tmp_path / "spool" / "slurm_script"
     spool_copy.parent.mkdir()

@@ -19,8 +19,8 @@ from filelock import FileLock
 RUN_COLUMNS = (
     "timestamp_utc", "run_name", "mode", "model", "dataset", "learning_rate", "lora_learning_rate", "weight_decay",
     "lora_weight_decay", "lora_rank", "molf_lora_ranks", "molf_topk", "molf_score_fn", "lr_scheduler_type",
-    "warm_up_ratio", "num_train_epochs", "per_device_batch_size", "gradient_accumulation_steps", "seed",
-    "checkpoint", "num_eval",
+    "warm_up_ratio", "num_train_epochs", "max_steps", "per_device_batch_size", "gradient_accumulation_steps",
+    "seed", "other_hparams", "checkpoint", "num_eval_samples", "num_eval",
 )
 TASK_METRICS = {
     "sql": ("execution_accuracy", "exact_match", "logic_match", "valid_sql_rate"),
@@ -28,8 +28,9 @@ TASK_METRICS = {
     "fact": ("efficacy_first_token", "efficacy_sequence", "margin_first_token", "margin_sequence",
              "generalization", "specificity"),
 }
-# Filled by the evaluator, not taken from the run.
-EVALUATOR_COLUMNS = ("timestamp_utc", "num_eval")
+# Filled by the evaluator, not taken from the run: when it ran, the cap on evaluation examples it
+# was given (empty: all) and how many it scored.
+EVALUATOR_COLUMNS = ("timestamp_utc", "num_eval_samples", "num_eval")
 
 
 def task_columns(task: str) -> tuple[str, ...]:
@@ -42,8 +43,10 @@ def results_path(results_dir: str | os.PathLike, task: str) -> Path:
     return Path(results_dir) / f"{task}.csv"
 
 
-def build_row(task: str, run_info: Mapping[str, Any], metrics: Mapping[str, Any], num_eval: int) -> dict[str, Any]:
-    """One CSV row: the run columns from ``run_info``, the UTC time, ``num_eval`` and the task's metrics.
+def build_row(task: str, run_info: Mapping[str, Any], metrics: Mapping[str, Any], num_eval: int,
+              num_eval_samples: int | None = None) -> dict[str, Any]:
+    """One CSV row: the run columns from ``run_info``, the UTC time, the evaluation's cap
+    ``num_eval_samples`` (None: all), ``num_eval`` and the task's metrics.
 
     Raises:
         ValueError: ``run_info`` lacks a run column or has an unknown key, or a metric is missing.
@@ -55,7 +58,8 @@ def build_row(task: str, run_info: Mapping[str, Any], metrics: Mapping[str, Any]
     absent = [name for name in TASK_METRICS[task] if name not in metrics]
     if absent:
         raise ValueError(f"metrics for {task!r} lack {absent}")
-    row = {**run_info, "timestamp_utc": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"), "num_eval": num_eval}
+    row = {**run_info, "timestamp_utc": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+           "num_eval_samples": num_eval_samples, "num_eval": num_eval}
     row.update({name: metrics[name] for name in TASK_METRICS[task]})
     return row
 

@@ -93,7 +93,7 @@ def evaluate_task(task: str, model, tokenizer, cfg: Any, run_info: Mapping[str, 
         task: "sql", "med" or "fact"; overrides ``cfg.dataset_type`` for loading the eval data.
         cfg: any object with the ``DataConfig`` and ``EvalConfig`` fields.
         run_info: the run columns of the results CSV (see ``molf.eval.results.RUN_COLUMNS``), without
-            ``timestamp_utc`` and ``num_eval``, which the evaluator fills in.
+            ``timestamp_utc``, ``num_eval_samples`` and ``num_eval``, which the evaluator fills in.
 
     Returns:
         The task's metrics (``TASK_METRICS[task]`` plus diagnostics such as ``gold_errors``).
@@ -105,7 +105,7 @@ def evaluate_task(task: str, model, tokenizer, cfg: Any, run_info: Mapping[str, 
     task_cfg.dataset_type = task
     seed = int(run_info.get("seed") or 0)
     metrics, num_eval, details = EVALUATORS[task](model, tokenizer, task_cfg, seed)
-    row = build_row(task, run_info, metrics, num_eval)
+    row = build_row(task, run_info, metrics, num_eval, cfg.num_eval_samples)
     try:
         csv_path = append_task_row(cfg.results_dir, task, row)
     except (OSError, ValueError) as error:

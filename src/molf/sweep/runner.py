@@ -1,12 +1,14 @@
 """Select grid jobs, tell which are done, and run them locally one after another.
 
-A job is done when ``results/<task>.csv`` holds a row whose ``run_name`` is the job's
-``TrainingConfig.run_name``, so an interrupted sweep resumes by running the same command again.
+A job is done when ``results/<task>.csv`` holds a complete row (its primary metric a number) whose
+``run_name`` is the job's ``TrainingConfig.run_name`` and whose ``num_eval_samples`` is the job's,
+so an interrupted sweep resumes by running the same command again.
 """
 
 from __future__ import annotations
 
 import csv
+import math
 import shlex
 import socket
 import subprocess
@@ -46,6 +48,8 @@ def parse_indices(spec: str, num_jobs: int) -> list[int]:
             span = range(int(low), int(high) + 1) if sep else [int(low)]
         except ValueError:
             raise ValueError(f"bad index range {part!r}: use e.g. 0-3,7") from None
+        if not span:
+            raise ValueError(f"index range {part!r} is empty: write the lower index first, e.g. {high}-{low}")
         indices += list(span)
     bad = [i for i in indices if not 0 <= i < num_jobs]
     if bad:
@@ -56,6 +60,8 @@ def parse_indices(spec: str, num_jobs: int) -> list[int]:
 def _matches(value: Any, wanted: str) -> bool:
     if format_flag_value(value) == wanted or str(value) == wanted:
         return True
+    if isinstance(value, bool):
+        return wanted.lower() == str(value).lower()
     try:
         return isinstance(value, (int, float)) and float(wanted) == float(value)
     except ValueError:
@@ -90,17 +96,34 @@ def job_config(job: Job, paths: RunPaths, extra: Sequence[str] = ()):
     return draccus.parse(TrainingConfig, args=train_args(job, paths, extra))
 
 
-def completed_run_names(results_dir: str, task: str) -> set[str]:
-    """Run names with a row in ``results_dir/<task>.csv`` (empty when the file does not exist yet)."""
+def completed_run_names(results_dir: str, task: str, num_eval_samples: Optional[int] = None) -> set[str]:
+    """Run names with a complete row in ``results_dir/<task>.csv`` evaluated with the cap
+    ``num_eval_samples`` (None: on everything); empty when the file does not exist yet.
+
+    A row counts when its task's primary metric is a number: a row cut short by a killed writer,
+    or one without the metric, leaves its job to run again.
+    """
+    from molf.eval.results import TASK_METRICS
+
     path = Path(results_dir) / f"{task}.csv"
     if not path.is_file():
         return set()
+    primary, cap = TASK_METRICS[task][0], "" if num_eval_samples is None else str(num_eval_samples)
     with path.open(newline="", encoding="utf-8") as handle:
-        return {row["run_name"] for row in csv.DictReader(handle) if row.get("run_name")}
+        return {row["run_name"] for row in csv.DictReader(handle)
+                if row.get("run_name") and _is_number(row.get(primary)) and (row.get("num_eval_samples") or "") == cap}
+
+
+def _is_number(text: Optional[str]) -> bool:
+    try:
+        return math.isfinite(float(text))
+    except (TypeError, ValueError):
+        return False
 
 
 def is_done(job: Job, paths: RunPaths, extra: Sequence[str] = ()) -> bool:
-    return job_config(job, paths, extra).run_name in completed_run_names(paths.results_dir, job.task)
+    cfg = job_config(job, paths, extra)
+    return cfg.run_name in completed_run_names(paths.results_dir, job.task, cfg.num_eval_samples)
 
 
 def free_port() -> int:
