@@ -147,3 +147,41 @@ def test_round_trip_with_the_trainer_writer(tmp_path):
     expected_scores[~np.isfinite(expected_scores)] = np.nan
     np.testing.assert_allclose(log.scores, expected_scores, rtol=1e-6)
     np.testing.assert_array_equal(log.winners, np.stack([w for _, w in written]))
+
+
+def _two_module_log(path, step: dict):
+    header = {"type": "header", "version": 1, "modules": ["model.layers.0.mlp.up_proj", "model.layers.1.mlp.up_proj"],
+              "experts": ["fft", "lora0_r8"], "ranks": [None, 8], "score_fn": "true_projected", "topk": 1, "every": 1}
+    good = {"type": "step", "step": 0, "winners": [[0], [1]], "scores": [[2.0, 1.0], [1.0, 2.0]]}
+    path.write_text("\n".join(json.dumps(r) for r in (header, good, {"type": "step", "step": 1, **step})) + "\n")
+    return path
+
+
+@pytest.mark.parametrize("step, reason", [
+    ({"winners": [[0], [1]], "scores": [[2.0, 1.0]]}, "'scores' has 1 rows, the header names 2 modules"),
+    ({"winners": [[0, 1]], "scores": [[2.0, 1.0], [1.0, 2.0]]}, "'winners' has 1 rows, the header names 2 modules"),
+    ({"winners": [[0], [-1]], "scores": [[2.0, 1.0], [1.0, 2.0]]}, "'winners' holds expert index -1"),
+    ({"winners": [[0], [0, -1]], "scores": [[2.0, 1.0], [1.0, 2.0]]}, "'winners' holds expert index -1"),
+    ({"winners": [[0], [2]], "scores": [[2.0, 1.0], [1.0, 2.0]]}, "'winners' holds expert index 2"),
+    ({"winners": [[0], [1]], "scores": [[2.0, 1.0], [1.0, 2.0, 3.0]]}, "'scores' of module 1 has 3 values"),
+])
+def test_malformed_step_records_are_refused(tmp_path, step, reason):
+    path = _two_module_log(tmp_path / "molf_routing.jsonl", step)
+    with pytest.raises(ValueError, match=f":3: malformed step record .*{reason}"):
+        read_routing_log(path)
+
+
+def test_a_short_score_row_is_not_broadcast(tmp_path):
+    # One score per module for two experts: the second expert has no score (NaN), not a copy of the first.
+    log = read_routing_log(_two_module_log(tmp_path / "molf_routing.jsonl",
+                                           {"winners": [[0], [0]], "scores": [[2.0], [3.0]]}))
+    np.testing.assert_array_equal(log.scores[1, :, 0], [2.0, 3.0])
+    assert np.isnan(log.scores[1, :, 1]).all()
+
+
+def test_reference_negative_winner_is_refused(tmp_path):
+    path = tmp_path / "ref.jsonl"
+    path.write_text(json.dumps({"step": 5, "selections": {"model.layers.2.mlp.up_proj": {
+        "winners": [-1], "scores": [3.0, 1.0]}}}) + "\n")
+    with pytest.raises(ValueError, match=":1: malformed step record .*negative expert index -1"):
+        read_routing_log(path)

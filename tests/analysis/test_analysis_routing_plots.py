@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from molf.analysis.routing_log import read_routing_log
-from molf.analysis.routing_plots import FIGURES, plot_routing
+from molf.analysis.routing_plots import FIGURES, _step_extent, plot_routing
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -58,3 +61,16 @@ def test_cli_writes_figures_and_summary(tmp_path, write_routing_log):
     assert "% FFT" in result.stdout and "gate" in result.stdout
     assert (out_dir / "routing_summary.txt").read_text().startswith("Routing summary")
     assert {p.name for p in out_dir.glob("*.png")} == set(FIGURES)
+
+
+def test_single_step_log_plots_without_warnings(tmp_path):
+    header = {"type": "header", "version": 1, "modules": ["model.layers.0.mlp.up_proj", "model.layers.1.mlp.up_proj"],
+              "experts": ["fft", "lora0_r8"], "ranks": [None, 8], "score_fn": "true_projected", "topk": 1, "every": 1}
+    step = {"type": "step", "step": 7, "winners": [[0], [1]], "scores": [[2.0, 1.0], [1.0, 2.0]]}
+    (tmp_path / "molf_routing.jsonl").write_text(json.dumps(header) + "\n" + json.dumps(step) + "\n")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # matplotlib warns on a zero-width extent
+        paths = plot_routing(read_routing_log(tmp_path), tmp_path / "figs")
+    _assert_pngs(paths, tmp_path / "figs")
+    assert _step_extent(np.array([7, 7])) == (6.5, 7.5)
+    assert _step_extent(np.array([0, 10, 20])) == (0, 20)

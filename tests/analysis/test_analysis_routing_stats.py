@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from molf.analysis.routing_log import read_routing_log
+from molf.analysis.routing_log import RoutingLog, read_routing_log
 from molf.analysis.routing_stats import (
     focus_expert,
     focus_label,
@@ -85,3 +85,15 @@ def test_zero_scores_give_no_ratio(tmp_path):
     path = tmp_path / "molf_routing.jsonl"
     path.write_text(json.dumps(header) + "\n" + json.dumps(step) + "\n")
     assert np.isnan(score_log_ratio(read_routing_log(path))).all()
+
+
+def test_summary_prints_switches_per_module_with_two_decimals():
+    # Four up_proj modules over three steps: three switch once, one twice, 1.25 switches per module.
+    modules = [f"model.layers.{i}.mlp.up_proj" for i in range(4)]
+    picks = np.array([[0, 0, 0, 0], [1, 1, 1, 1], [1, 1, 1, 0]])  # (S, M) winning expert
+    winners = np.eye(2, dtype=bool)[picks]  # (S, M, E)
+    log = RoutingLog(steps=np.arange(3), modules=modules, experts=["fft", "lora0_r8"],
+                     scores=np.where(winners, 2.0, 1.0), winners=winners, ranks=[None, 8])
+    assert summarize(log).loc["up", "switches_per_module"] == 1.25
+    lines = format_summary(log).splitlines()
+    assert [line.split()[-1] for line in lines if line.split()[0] in ("up", "all")] == ["1.25", "1.25"]

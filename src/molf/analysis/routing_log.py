@@ -3,8 +3,9 @@
 The log is parsed line by line and each step is turned into a small ``(modules, experts)`` array at
 once, so the raw text is never held in memory; a multi-thousand-step log of ~200 modules becomes a
 few tens of MB of float64. A truncated last line (a run killed mid-write) is dropped with a warning;
-a broken line anywhere else is an error. A resumed run may log some steps twice: the last record of
-a step wins.
+a broken line anywhere else is an error, and so is a step record of our format whose ``scores`` or
+``winners`` has not one row per module of the header, or whose winners are not indices of its
+experts. A resumed run may log some steps twice: the last record of a step wins.
 """
 
 from __future__ import annotations
@@ -108,6 +109,59 @@ def _score(value: Any) -> float:
     return value if math.isfinite(value) else math.nan
 
 
+def _check_rows(rows: Any, key: str, num_modules: int) -> None:
+    """One row per module of the header; numpy would otherwise broadcast or reshape the rows."""
+    if not isinstance(rows, list) or len(rows) != num_modules:
+        found = f"{len(rows)} rows" if isinstance(rows, list) else type(rows).__name__
+        raise ValueError(f"{key!r} has {found}, the header names {num_modules} modules")
+
+
+def _score_rows(rows: Any, shape: tuple[int, int]) -> np.ndarray:
+    """(M, E) float64 scores of a step; a module's missing trailing experts and null scores are NaN."""
+    _check_rows(rows, "scores", shape[0])
+    scores = np.full(shape, np.nan)
+    try:
+        # Fast path: every module has every expert; null -> NaN.
+        array = np.asarray(rows, dtype=np.float64)
+    except ValueError:  # ragged rows
+        array = None
+    if array is not None and array.shape == shape:
+        scores[:] = array
+    else:
+        for i, row in enumerate(rows):
+            if len(row) > shape[1]:
+                raise ValueError(f"'scores' of module {i} has {len(row)} values, the header names {shape[1]} experts")
+            scores[i, : len(row)] = [_score(v) for v in row]
+    scores[~np.isfinite(scores)] = np.nan
+    return scores
+
+
+def _winner_rows(rows: Any, shape: tuple[int, int]) -> np.ndarray:
+    """(M, E) bool winners of a step from one list of expert indices per module."""
+    _check_rows(rows, "winners", shape[0])
+    try:
+        picks = np.asarray(rows, dtype=np.int64)  # (M, K) when every module has K winners (top-K)
+    except ValueError:
+        picks = None
+    if picks is None or picks.ndim != 2:  # ragged rows
+        picks = [np.asarray(row, dtype=np.int64).reshape(-1) for row in rows]
+        flat = np.concatenate(picks) if picks else np.zeros(0, dtype=np.int64)
+    else:
+        flat = picks.reshape(-1)
+    # A negative index would silently pick an expert from the end.
+    outside = flat[(flat < 0) | (flat >= shape[1])]
+    if outside.size:
+        raise ValueError(f"'winners' holds expert index {outside[0]}, the header names {shape[1]} experts "
+                         f"(0..{shape[1] - 1})")
+    winners = np.zeros(shape, dtype=bool)
+    if isinstance(picks, list):
+        for i, row in enumerate(picks):
+            winners[i, row] = True
+    else:
+        np.put_along_axis(winners, picks, True, axis=1)
+    return winners
+
+
 class _OursParser:
     """Steps of our format: ``{"type": "step", "step", "winners": [[i, ...]], "scores": [[...]]}``."""
 
@@ -121,23 +175,8 @@ class _OursParser:
 
     def add(self, record: dict) -> None:
         shape = (len(self.modules), len(self.experts))
-        scores = np.full(shape, np.nan)
-        rows = record["scores"]
-        try:
-            # Fast path: every module has every expert; null -> NaN.
-            scores[:] = np.asarray(rows, dtype=np.float64)
-        except ValueError:
-            for i, row in enumerate(rows):
-                scores[i, : len(row)] = [_score(v) for v in row]
-        scores[~np.isfinite(scores)] = np.nan
-        winners = np.zeros(shape, dtype=bool)
-        picks = record["winners"]
-        try:
-            # Fast path: the same number of winners per module (top-K).
-            np.put_along_axis(winners, np.asarray(picks, dtype=np.int64).reshape(shape[0], -1), True, axis=1)
-        except ValueError:
-            for i, row in enumerate(picks):
-                winners[i, row] = True
+        scores = _score_rows(record["scores"], shape)
+        winners = _winner_rows(record["winners"], shape)
         self.steps.append(int(record["step"]))
         self.scores.append(scores)
         self.winners.append(winners)
@@ -172,6 +211,8 @@ class _ReferenceParser:
 
     def _expert(self, key: Any) -> int:
         if isinstance(key, (int, np.integer)) and not isinstance(key, bool):
+            if key < 0:
+                raise ValueError(f"negative expert index {key}")
             while len(self.expert_index) <= key:
                 self.expert_index.setdefault(f"expert{len(self.expert_index)}", len(self.expert_index))
             return int(key)

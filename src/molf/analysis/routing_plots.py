@@ -73,6 +73,13 @@ def _binned(share: np.ndarray, steps: np.ndarray) -> tuple[np.ndarray, np.ndarra
     return binned, np.array([steps[b[0]] for b in bins] + [steps[-1]])
 
 
+def _step_extent(edges: np.ndarray) -> tuple[float, float]:
+    """The heatmap's x range; a single logged step gets a column one step wide, centred on it."""
+    if edges[-1] == edges[0]:
+        return edges[0] - 0.5, edges[0] + 0.5
+    return edges[0], edges[-1]
+
+
 def plot_layer_heatmap(log: RoutingLog, path: Path) -> Path:
     """Heatmap: layer (rows) x step (columns) of the focus expert's share of the layer's modules."""
     layers, share = share_by_layer(log)
@@ -82,7 +89,8 @@ def plot_layer_heatmap(log: RoutingLog, path: Path) -> Path:
     if share.size:
         binned, edges = _binned(share, log.steps)
         image = ax.imshow(binned, aspect="auto", origin="lower", cmap="viridis", vmin=0.0, vmax=1.0,
-                          interpolation="nearest", extent=(edges[0], edges[-1], -0.5, len(layers) - 0.5))
+                          interpolation="nearest", extent=(*_step_extent(edges), -0.5, len(layers) - 0.5))
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         stride = max(1, len(layers) // 16)
         ax.set_yticks(range(0, len(layers), stride))
         ax.set_yticklabels(["none" if v < 0 else str(v) for v in layers[::stride]])

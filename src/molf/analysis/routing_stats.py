@@ -136,5 +136,5 @@ def format_summary(log: RoutingLog, tail_fraction: float = 0.1) -> str:
     ]
     for name, row in table.iterrows():
         lines.append(f"{name:<8} {int(row.modules):>7d} {row.focus_pct_last:>14.1f} {int(row.switches):>9d} "
-                     f"{row.switches_per_module:>11.1f}")
+                     f"{row.switches_per_module:>11.2f}")
     return "\n".join(lines)

@@ -1,8 +1,11 @@
 """Results CSVs -> the paper's Table-1 layout and a per-run long table, as Markdown or LaTeX.
 
 Table 1: one row per model; columns task x method (FFT / LoRA / MoLF / MoLF-E, then any other mode
-found); each cell is the best run of that sweep by the task's primary metric, with the
-hyperparameters that picked it; within each (model, task) the best method is in bold.
+found). Each cell is the best configuration of that sweep: runs that differ only in their seed are
+one configuration, scored by the mean of the task's primary metric over its runs (a run evaluated
+more than once counts with its latest evaluation). A cell shows that mean (± the sample std and the
+number of runs when there are several) and the hyperparameters that set the configuration apart;
+within each (model, task) the methods whose printed value equals the best printed value are bold.
 """
 
 from __future__ import annotations
@@ -10,9 +13,11 @@ from __future__ import annotations
 import math
 import warnings
 from pathlib import Path
-from typing import Iterable, Optional, Union
+from typing import Iterable, NamedTuple, Optional, Union
 
 import pandas as pd
+
+from molf.eval.results import TASK_METRICS
 
 PRIMARY_METRICS = {"sql": "execution_accuracy", "med": "accuracy", "fact": "efficacy_first_token"}
 METHODS = {"fft": "FFT", "lora": "LoRA", "molf": "MoLF", "molf_e": "MoLF-E"}
@@ -28,13 +33,20 @@ MODE_HPARAMS = {
 # Hyperparameters shown when they vary within a (model, task, mode) sweep.
 SWEEP_HPARAMS = ["learning_rate", "lora_learning_rate", "weight_decay", "lora_weight_decay", "lora_rank",
                  "molf_lora_ranks", "molf_topk", "molf_score_fn", "lr_scheduler_type", "warm_up_ratio",
-                 "num_train_epochs", "per_device_batch_size", "gradient_accumulation_steps", "seed"]
+                 "num_train_epochs", "per_device_batch_size", "gradient_accumulation_steps"]
 HPARAM_ABBREV = {"learning_rate": "lr", "lora_learning_rate": "lora lr", "weight_decay": "wd",
                  "lora_weight_decay": "lora wd", "lora_rank": "r", "molf_lora_ranks": "ranks",
                  "molf_topk": "K", "molf_score_fn": "score", "lr_scheduler_type": "sched",
                  "warm_up_ratio": "warmup", "num_train_epochs": "epochs", "per_device_batch_size": "bs",
-                 "gradient_accumulation_steps": "GA", "seed": "seed"}
+                 "gradient_accumulation_steps": "GA"}
 _METRIC_TASK = {metric: task for task, metric in PRIMARY_METRICS.items()}
+# Columns every results CSV must have: a row is placed in Table 1 by its model and mode.
+REQUIRED_COLUMNS = ("model", "mode")
+# Where load_results found each row (for warnings about dropped rows).
+SOURCE_COLUMNS = ("source_file", "source_line")
+# Columns that tell runs of one configuration apart, or measure them: not part of the configuration.
+_NOT_CONFIGURATION = {"seed", "run_name", "checkpoint", "timestamp_utc", "metric", "metric_name", *SOURCE_COLUMNS,
+                      *(name for names in TASK_METRICS.values() for name in names)}
 
 
 def _task_of(path: Path, frame: pd.DataFrame) -> Optional[str]:
@@ -47,13 +59,14 @@ def _task_of(path: Path, frame: pd.DataFrame) -> Optional[str]:
 
 
 def load_results(paths: Iterable[Union[str, Path]]) -> pd.DataFrame:
-    """Concatenate results CSVs, adding a ``task`` column (from the file name, else the metric columns).
+    """Concatenate results CSVs, adding ``task`` (from the file name, else the metric columns) and
+    ``source_file`` / ``source_line`` (where each row came from).
 
     Other CSVs matched by a glob such as ``results/*.csv`` (benchmarks) are skipped with a warning.
 
     Raises:
         FileNotFoundError: a path that is not a file.
-        ValueError: no path is a results CSV.
+        ValueError: a results CSV lacks a ``model`` or ``mode`` column, or no path is a results CSV.
     """
     frames, skipped = [], []
     for path in map(Path, paths):
@@ -64,19 +77,83 @@ def load_results(paths: Iterable[Union[str, Path]]) -> pd.DataFrame:
         if task is None:
             skipped.append(str(path))
             continue
-        frames.append(frame.assign(task=task))
-    if skipped:
-        warnings.warn(f"skipped {', '.join(skipped)}: not evaluation results (named sql/med/fact.csv or with "
-                      f"one of the columns {sorted(_METRIC_TASK)})", stacklevel=2)
+        absent = [column for column in REQUIRED_COLUMNS if column not in frame.columns]
+        if absent:
+            raise ValueError(f"{path} has no {' and no '.join(map(repr, absent))} column; a results CSV has the "
+                             "evaluators' columns (README, 'Results CSVs')")
+        # Line 1 is the header.
+        frames.append(frame.assign(task=task, source_file=str(path), source_line=frame.index + 2))
+    reason = (f"not evaluation results (named sql/med/fact.csv or with one of the columns "
+              f"{sorted(_METRIC_TASK)})")
     if not frames:
+        if skipped:
+            raise ValueError(f"none of the CSVs given holds evaluation results: {', '.join(skipped)} "
+                             f"{'is' if len(skipped) == 1 else 'are'} {reason}")
         raise ValueError("no results CSVs given: pass the evaluators' CSVs, e.g. results/*.csv or results/demo/*.csv")
+    if skipped:
+        warnings.warn(f"skipped {', '.join(skipped)}: {reason}", stacklevel=2)
     return pd.concat(frames, ignore_index=True)
 
 
+def latest_evaluations(results: pd.DataFrame) -> pd.DataFrame:
+    """Keep the latest evaluation of each run: of the rows with the same task and ``run_name``, the one
+    with the latest ``timestamp_utc`` (the last one in the files when timestamps are equal or missing).
+
+    Rows without a run name are all kept; the order of the rows is kept.
+    """
+    if "run_name" not in results.columns:
+        return results
+    named = ~_blank(results["run_name"])
+    if "timestamp_utc" in results.columns:
+        time = pd.to_datetime(results["timestamp_utc"], utc=True, errors="coerce", format="ISO8601")
+    else:
+        time = pd.Series(pd.NaT, index=results.index, dtype="datetime64[ns, UTC]")
+    # A stable sort keeps the file order among equal (or missing, sorted first) timestamps.
+    by_time = results.assign(_time=time)[named].sort_values("_time", kind="stable", na_position="first")
+    latest = by_time.drop_duplicates(["task", "run_name"], keep="last").index
+    return results[~named | results.index.isin(latest)]
+
+
+def _is_blank(value) -> bool:
+    return bool(pd.isna(value)) or not str(value).strip()
+
+
+def _blank(values: pd.Series) -> pd.Series:
+    return values.map(_is_blank).astype(bool)
+
+
+def _row_labels(rows: pd.DataFrame, limit: int = 10) -> str:
+    """``file (run_a, run_b, ...)`` per source file of ``rows``; a row without a run name by its line."""
+    files = rows["source_file"] if "source_file" in rows.columns else pd.Series("results", index=rows.index)
+    parts = []
+    for source, group in rows.groupby(files, sort=False):
+        labels = [f"line {row.get('source_line', '?')}" if _is_blank(row.get("run_name")) else str(row["run_name"])
+                  for _, row in group.iterrows()]
+        more = f", ... {len(labels) - limit} more" if len(labels) > limit else ""
+        parts.append(f"{source} ({', '.join(labels[:limit])}{more})")
+    return "; ".join(parts)
+
+
+def _drop_with_warning(results: pd.DataFrame, drop: pd.Series, reason: str) -> pd.DataFrame:
+    if drop.any():
+        count = int(drop.sum())
+        warnings.warn(f"dropped {count} row{'s' if count > 1 else ''} {reason}: {_row_labels(results[drop])}",
+                      stacklevel=3)
+    return results[~drop]
+
+
 def with_primary_metric(results: pd.DataFrame, metrics: Optional[dict[str, str]] = None) -> pd.DataFrame:
-    """Add ``metric`` (the task's primary metric value) and ``metric_name``; drop rows without one."""
+    """The rows the tables use: the latest evaluation of each run (``latest_evaluations``), with
+    ``metric`` (the task's primary metric value) and ``metric_name`` added.
+
+    Rows with an empty model or mode, or without a value of the primary metric (a failed evaluation),
+    cannot be placed in a table: they are dropped with a warning naming their files and run names.
+
+    Raises:
+        ValueError: a task's metric column is not in the results.
+    """
     metrics = {**PRIMARY_METRICS, **(metrics or {})}
-    results = results.copy()
+    results = latest_evaluations(results).copy()
     names = results["task"].map(metrics)
     missing = sorted({m for m in names.dropna().unique() if m not in results.columns})
     if missing:
@@ -85,7 +162,10 @@ def with_primary_metric(results: pd.DataFrame, metrics: Optional[dict[str, str]]
     values = [results.at[i, name] if isinstance(name, str) else math.nan for i, name in names.items()]
     results["metric_name"] = names
     results["metric"] = pd.to_numeric(pd.Series(values, index=results.index), errors="coerce")
-    return results.dropna(subset=["metric"])
+    results = _drop_with_warning(results, _blank(results["model"]) | _blank(results["mode"]),
+                                 "with an empty model or mode")
+    return _drop_with_warning(results, results["metric"].isna(),
+                              "without a value of the primary metric (failed evaluations?)")
 
 
 def _format_value(value) -> str:
@@ -101,11 +181,41 @@ def _cell_hparams(group: pd.DataFrame, best: pd.Series) -> str:
     return ", ".join(f"{HPARAM_ABBREV.get(c, c)} {_format_value(best[c])}" for c in shown if pd.notna(best[c]))
 
 
+def configuration_columns(results: pd.DataFrame) -> list[str]:
+    """The columns that make a configuration: all but the seed, run name, checkpoint, timestamp, the
+    metrics (every task's metric columns and the primary metric chosen) and where a row came from."""
+    metric_columns = set(results["metric_name"].dropna()) if "metric_name" in results.columns else set()
+    return [c for c in results.columns if c not in _NOT_CONFIGURATION and c not in metric_columns]
+
+
+def configurations(results: pd.DataFrame) -> pd.DataFrame:
+    """One row per configuration (in order of first appearance): its ``configuration_columns``,
+    ``metric`` (the mean over its runs), ``metric_std`` (the sample std; NaN for one run), ``num_runs``
+    and ``first_run`` (the earliest ``timestamp_utc`` of its runs; NaT when unknown)."""
+    columns = configuration_columns(results)
+    frame = results.reset_index(drop=True)
+    # dropna=False: an empty hyperparameter (a mode that does not use it) is a value like any other.
+    codes = frame.groupby(columns, dropna=False, sort=False).ngroup() if columns else \
+        pd.Series(0, index=frame.index)  # numbered in order of first appearance
+    if "timestamp_utc" in frame.columns:
+        time = pd.to_datetime(frame["timestamp_utc"], utc=True, errors="coerce", format="ISO8601")
+    else:
+        time = pd.Series(pd.NaT, index=frame.index, dtype="datetime64[ns, UTC]")
+    metric = frame["metric"].groupby(codes)  # groups 0, 1, ...: the order of ``first``'s rows
+    first = frame.loc[~codes.duplicated(), columns + ["metric_name"]].reset_index(drop=True)
+    return first.assign(metric=metric.mean(), metric_std=metric.std(ddof=1), num_runs=metric.size(),
+                        first_run=time.groupby(codes).min())
+
+
 def best_per_cell(results: pd.DataFrame) -> pd.DataFrame:
-    """One row per (model, task, mode): the run with the highest primary metric (earliest on ties)."""
-    keys = ["metric", "timestamp_utc"] if "timestamp_utc" in results.columns else ["metric"]
-    order = results.sort_values(keys, ascending=[False, True][: len(keys)], kind="stable")
-    best = order.groupby(["model", "task", "mode"], sort=False).head(1)
+    """One row per (model, task, mode): the configuration with the highest mean primary metric over its
+    runs (on ties the one whose first run is the earliest), as ``configurations`` gives it, with
+    ``hparams`` (the text under its value in Table 1)."""
+    configs = configurations(results)
+    configs["_order"] = range(len(configs))
+    order = configs.sort_values(["metric", "first_run", "_order"], ascending=[False, True, True], kind="stable",
+                                na_position="last")
+    best = order.groupby(["model", "task", "mode"], sort=False).head(1).drop(columns="_order")
     best = best.assign(hparams=[_cell_hparams(results[(results.model == r.model) & (results.task == r.task)
                                                       & (results["mode"] == r["mode"])], r)
                                 for _, r in best.iterrows()])
@@ -117,8 +227,27 @@ def _ordered(values: Iterable[str], preferred: list[str]) -> list[str]:
     return [v for v in preferred if v in values] + sorted(v for v in values if v not in preferred)
 
 
-def table1(results: pd.DataFrame) -> tuple[list[str], list[tuple[str, str]], dict]:
-    """``(models, columns [(task, mode)], cells {(model, task, mode): (metric, hparams, is_best)})``."""
+class Cell(NamedTuple):
+    """A Table-1 cell: the mean of the best configuration's runs, their sample std (NaN for one run),
+    the number of runs, the hyperparameters shown and whether the cell is bold."""
+
+    value: float
+    std: float
+    n: int
+    hparams: str
+    is_best: bool
+
+
+def _printed(value: float, digits: int) -> str:
+    return f"{value:.{digits}f}"
+
+
+def table1(results: pd.DataFrame, digits: int = 2) -> tuple[list[str], list[tuple[str, str]], dict]:
+    """``(models, columns [(task, mode)], cells {(model, task, mode): Cell})``.
+
+    A cell is bold when its value printed with ``digits`` decimals equals the best printed value of its
+    model and task, so methods that tie on the page are all bold.
+    """
     best = best_per_cell(results)
     models = list(dict.fromkeys(best["model"]))
     tasks = _ordered(best["task"], TASK_ORDER)
@@ -126,9 +255,10 @@ def table1(results: pd.DataFrame) -> tuple[list[str], list[tuple[str, str]], dic
                for mode in _ordered(best.loc[best.task == task, "mode"], list(METHODS))]
     cells = {}
     for (model, task), group in best.groupby(["model", "task"], sort=False):
-        top = group["metric"].max()
-        for _, row in group.iterrows():
-            cells[(model, task, row["mode"])] = (row["metric"], row["hparams"], row["metric"] == top)
+        printed = group["metric"].map(lambda value: float(_printed(value, digits)))
+        for (_, row), shown in zip(group.iterrows(), printed):
+            cells[(model, task, row["mode"])] = Cell(row["metric"], row["metric_std"], int(row["num_runs"]),
+                                                     row["hparams"], shown == printed.max())
     return models, columns, cells
 
 
@@ -136,28 +266,31 @@ def _method(mode: str) -> str:
     return METHODS.get(mode, mode)
 
 
-def _formatted_cells(model: str, columns, cells, digits: int, missing: str, bold, annotate) -> list[str]:
-    """One Table-1 row's cells: the value (``bold`` when best), annotated with its hyperparameters."""
+def _formatted_cells(model: str, columns, cells, digits: int, missing: str, bold, spread, annotate) -> list[str]:
+    """One Table-1 row's cells: the value (``bold`` when best), its ``spread`` over several runs, and
+    the hyperparameters (``annotate``)."""
     row = []
     for task, mode in columns:
-        if (model, task, mode) not in cells:
+        cell = cells.get((model, task, mode))
+        if cell is None:
             row.append(missing)
             continue
-        value, hparams, is_best = cells[(model, task, mode)]
-        text = f"{value:.{digits}f}"
-        text = bold(text) if is_best else text
-        row.append(annotate(text, hparams) if hparams else text)
+        text = _printed(cell.value, digits)
+        text = bold(text) if cell.is_best else text
+        text += spread(_printed(cell.std, digits), cell.n) if cell.n > 1 else ""
+        row.append(annotate(text, cell.hparams) if cell.hparams else text)
     return row
 
 
 def table1_markdown(results: pd.DataFrame, digits: int = 2) -> str:
     """Table 1 as a Markdown table (headers ``task / method``; hyperparameters under each value)."""
-    models, columns, cells = table1(results)
+    models, columns, cells = table1(results, digits)
     header = ["model"] + [f"{task} / {_method(mode)}" for task, mode in columns]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for model in models:
         row = [model] + _formatted_cells(model, columns, cells, digits, missing="–",
                                          bold=lambda text: f"**{text}**",
+                                         spread=lambda std, n: f" ± {std} (n={n})",
                                          annotate=lambda text, hparams: f"{text}<br>({hparams})")
         lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines) + "\n"
@@ -174,7 +307,7 @@ def latex_escape(text: str) -> str:
 
 def table1_latex(results: pd.DataFrame, digits: int = 2) -> str:
     """Table 1 as a booktabs ``tabular`` with one multicolumn header per task."""
-    models, columns, cells = table1(results)
+    models, columns, cells = table1(results, digits)
     tasks = list(dict.fromkeys(task for task, _ in columns))
     spans = [sum(1 for t, _ in columns if t == task) for task in tasks]
     lines = [r"\begin{tabular}{l" + "c" * len(columns) + "}", r"\toprule"]
@@ -191,6 +324,7 @@ def table1_latex(results: pd.DataFrame, digits: int = 2) -> str:
     for model in models:
         row = [latex_escape(model)] + _formatted_cells(
             model, columns, cells, digits, missing="--", bold=lambda text: rf"\textbf{{{text}}}",
+            spread=lambda std, n: rf" $\pm$ {std} (n={n})",
             annotate=lambda text, hparams: rf"\makecell{{{text}\\ {{\scriptsize {latex_escape(hparams)}}}}}")
         lines.append(" & ".join(row) + r" \\")
     lines += [r"\bottomrule", r"\end{tabular}"]
