@@ -129,7 +129,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if IS_MAIN_RANK:  # under torchrun one process evaluates and writes the row
             only_eval(cfg)
     else:
-        train(cfg)
+        try:
+            train(cfg)
+        except FloatingPointError as err:  # a diverged run: what to change, and what was kept
+            print(f"error: {err}", file=sys.stderr)
+            return 1
     return 0
 
 

@@ -108,6 +108,17 @@ def test_a_resubmitted_run_that_died_evaluating_is_evaluated_not_retrained(tmp_p
     assert (run_dir / "metrics.jsonl").read_text() == metrics
 
 
+@pytest.mark.integration
+def test_a_diverging_run_exits_1_with_what_to_change(tmp_path, capsys):
+    argv = flags(tmp_path, "--mode", "fft", "--max_grad_norm", "0", "--do_eval", "False", "--max_steps", "6")
+    argv = [a for a in argv if a not in ("--molf_lora_ranks", "[8]")]
+    argv[argv.index("--learning_rate") + 1] = "1e30"
+    assert load_script("train").main(argv) == 1
+    err = capsys.readouterr().err
+    assert "error: training diverged by step" in err and "Lower --learning_rate" in err
+    assert not list((tmp_path / "runs").glob("*/final"))
+
+
 def test_count_params_script(capsys):
     assert load_script("count_params").main(["--model_name_or_path", TINY, "--mode", "molf_e",
                                              "--molf_lora_ranks", "[4,8]"]) == 0

@@ -8,6 +8,7 @@ import shutil
 import pytest
 import torch
 from conftest import small_model
+from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, TrainerCallback
 from trainrun_helpers import losses, make_cfg, token_dataset, train, weights
 
@@ -169,3 +170,48 @@ def test_failed_merge_is_an_error_and_saves_nothing(tmp_path, tokenizer):
     with pytest.raises(ValueError, match="non-finite"):
         save_final(trainer.model, tokenizer, cfg)
     assert not (cfg.run_dir / "final").exists()
+
+
+class PoisonAt(TrainerCallback):
+    """Writes NaN into the embedding at the start of step ``step`` (0-based), as a diverging run would."""
+
+    def __init__(self, model, step: int):
+        self.model, self.step = model, step
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        if state.global_step == self.step:
+            with torch.no_grad():
+                self.model.get_input_embeddings().weight[:] = float("nan")
+
+
+@pytest.mark.parametrize("mode", ["fft", "molf"])
+def test_a_diverged_run_stops_with_an_error_before_saving_a_bad_checkpoint(mode, tmp_path, tokenizer):
+    cfg = make_cfg(tmp_path, mode, max_steps=5, logging_steps=1, save_strategy="steps", save_steps=1,
+                   save_total_limit=None)
+    model = small_model()
+    trainer = train(cfg, model, tokenizer, start=False)
+    trainer.add_callback(PoisonAt(model, step=2))
+    with pytest.raises(FloatingPointError, match="training diverged by step 3: 1 micro-batch loss.*--learning_rate"):
+        trainer.train()
+    assert sorted(p.name for p in cfg.run_dir.glob("checkpoint-*")) == ["checkpoint-1", "checkpoint-2"]
+    saved = load_file(cfg.run_dir / "checkpoint-2" / "model.safetensors")
+    assert saved and all(torch.isfinite(t).all() for t in saved.values())
+    logged = losses(trainer)
+    assert len(logged) == 2 and all(torch.isfinite(torch.tensor(logged)))
+
+
+def test_nan_weights_are_caught_before_a_save_even_with_a_finite_loss(tmp_path, tokenizer):
+    cfg = make_cfg(tmp_path, "fft", max_steps=2, logging_steps=10, save_strategy="steps", save_steps=2)
+    model = small_model()
+    trainer = train(cfg, model, tokenizer, start=False)
+
+    class PoisonAfterStep(TrainerCallback):  # the last step's update went bad; its loss was finite
+        def on_optimizer_step(self, args, state, control, **kwargs):
+            if state.global_step == 1:
+                with torch.no_grad():
+                    model.model.norm.weight[0] = float("inf")
+
+    trainer.add_callback(PoisonAfterStep())
+    with pytest.raises(FloatingPointError, match="1 trainable tensor\\(s\\) hold NaN/inf"):
+        trainer.train()
+    assert not list(cfg.run_dir.glob("checkpoint-*"))

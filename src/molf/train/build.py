@@ -110,6 +110,9 @@ def training_arguments(cfg: Any) -> TrainingArguments:
         adam_beta2=cfg.adam_beta2,
         adam_epsilon=cfg.adam_epsilon,
         max_grad_norm=cfg.max_grad_norm,
+        # A NaN/inf loss is reported (DivergenceGuard), not hidden in the logged mean; the filter
+        # would also cost a host sync per micro-batch.
+        logging_nan_inf_filter=False,
         bf16=precision == "bf16_mixed",
         activation_checkpointing=cfg.gradient_checkpointing,
         logging_steps=cfg.logging_steps,

@@ -38,6 +38,9 @@ class MoLFTrainer(Trainer):
         # Sums of the strategy's logged values (router losses) since the last log line, and their count.
         self._strategy_sums: dict[str, torch.Tensor] = {}
         self._strategy_count = 0
+        # Micro-batches with a non-finite loss since the last check (on the device: no sync per step).
+        self._nonfinite_losses: Optional[torch.Tensor] = None
+        self.add_callback(DivergenceGuard(self))
         if strategy_runtime is not None:
             self.add_callback(StrategyCallback(self))
 
@@ -90,8 +93,43 @@ class MoLFTrainer(Trainer):
             return result[0] + extra, result[1]
         return result + extra
 
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        bad = (~torch.isfinite(loss)).to(torch.int32)
+        self._nonfinite_losses = bad if self._nonfinite_losses is None else self._nonfinite_losses + bad
+        return loss
+
+    def check_finite(self, step: int, weights: bool) -> None:
+        """Raise if a loss since the last check (or, with ``weights``, a trainable weight) is not finite.
+
+        One host sync (summed over ranks, so every rank stops together). Called at log and save steps,
+        so a diverged model is never written as a checkpoint.
+
+        Raises:
+            FloatingPointError: training diverged; says what to change.
+        """
+        device = self.args.device
+        losses = self._nonfinite_losses if self._nonfinite_losses is not None else torch.zeros((), device=device)
+        self._nonfinite_losses = None
+        counts = [losses.to(device=device, dtype=torch.float32)]
+        if weights:
+            trainable = [p for p in self.model.parameters() if p.requires_grad]
+            flags = [(~torch.isfinite(p)).any().to(device=device, dtype=torch.float32) for p in trainable]
+            counts.append(torch.stack(flags).sum() if flags else torch.zeros((), device=device))
+        bad_losses, *bad_weights = self._sum_over_ranks(torch.stack(counts)).tolist()
+        if bad_losses or any(bad_weights):
+            what = (f"{int(bad_losses)} micro-batch loss(es) were NaN/inf" if bad_losses
+                    else f"{int(bad_weights[0])} trainable tensor(s) hold NaN/inf")
+            raise FloatingPointError(
+                f"training diverged by step {step}: {what}. Lower --learning_rate / --lora_learning_rate, keep "
+                "--max_grad_norm > 0, or train with --precision fp32 / bf16_mixed instead of bf16_pure; "
+                f"checkpoints written before this step are kept in {self.args.output_dir}, none after it")
+
     def log(self, logs: dict[str, float], start_time: Optional[float] = None) -> None:
         if "loss" in logs:
+            resets = getattr(self.torch_optimizer, "nonfinite_resets", 0)
+            if resets:  # experts whose non-finite gradient reset their moments (MoLFAdamW)
+                logs["molf_nonfinite_resets"] = resets
             logs.update(self.throughput.read(self.state.global_step, self._sum_over_ranks))
             logs.update(self._read_strategy_items())
             if self.strategy_runtime is not None:
@@ -123,6 +161,18 @@ class MoLFTrainer(Trainer):
     def torch_optimizer(self) -> Optional[torch.optim.Optimizer]:
         """The optimizer under accelerate's wrapper (None before training starts)."""
         return None if self.optimizer is None else unwrap_optimizer(self.optimizer)
+
+
+class DivergenceGuard(TrainerCallback):
+    """Stops training with a clear error once a loss (or, before a save, a trainable weight) is NaN/inf."""
+
+    def __init__(self, trainer: MoLFTrainer) -> None:
+        self.trainer = trainer
+
+    def on_step_end(self, args, state, control, **kwargs):
+        # Runs after the Trainer's flow callback has decided whether this step logs and saves.
+        if control.should_log or control.should_save:
+            self.trainer.check_finite(state.global_step, weights=control.should_save)
 
 
 class StrategyCallback(TrainerCallback):
