@@ -340,6 +340,20 @@ def test_a_module_without_gradient_this_step_has_no_winner(path):
     assert all(torch.equal(p, q) for p, q in zip(module.parameters(), before))
 
 
+@PATHS
+def test_an_expert_with_a_gradient_on_only_some_tensors_is_not_scored(path):
+    model = _molf_model(ranks=(4,))
+    optimizer = MoLFAdamW.from_config(model, OPTIM, **PATH_KWARGS[path])
+    ids = _batch()
+    model(ids, labels=ids).loss.backward()
+    name, module = molf_modules(model)[0]
+    module.lora_A[0].grad = None  # lora_B[0] keeps its gradient: half an expert
+    optimizer.step()
+    row, lora = optimizer.module_names.index(name), optimizer.expert_names.index("lora0_r4")
+    assert optimizer.last_routing.scores[row, lora] == float("-inf")
+    assert not bool(optimizer.last_routing.winners[row, lora])
+
+
 def test_a_frozen_expert_parameter_is_named():
     model = _molf_model()
     name, module = molf_modules(model)[0]

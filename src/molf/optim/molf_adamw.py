@@ -357,15 +357,19 @@ class MoLFAdamW(Optimizer):
 
     # ---- scores and selection ----
 
-    def _consts(self, device: torch.device) -> tuple[Tensor, Tensor, dict[int, Tensor]]:
-        """``numel`` and ``valid`` ``(M, E)`` and a 0/1 mask per param group, cached per device."""
+    def _consts(self, device: torch.device) -> tuple[Tensor, Tensor, Tensor, dict[int, Tensor]]:
+        """``numel``, ``valid`` and the number of tensors of each expert ``(M, E)``, and a 0/1 mask per
+        param group, cached per device."""
         if device not in self._device_consts:
             shape = (self._experts.num_modules, self._experts.num_experts)
             masks = {int(g): torch.as_tensor((self._expert_groups == g).reshape(shape), dtype=torch.float32,
                                              device=device)
                      for g in np.unique(self._expert_groups) if g >= 0}
+            tensors = np.bincount(list(self._experts.cell_of.values()), minlength=shape[0] * shape[1])
             self._device_consts[device] = (torch.as_tensor(self._experts.numel.view(shape), device=device),
-                                           torch.as_tensor(self._experts.valid.view(shape), device=device), masks)
+                                           torch.as_tensor(self._experts.valid.view(shape), device=device),
+                                           torch.as_tensor(tensors.reshape(shape), dtype=torch.float32,
+                                                           device=device), masks)
         return self._device_consts[device]
 
     def _tensor_sums(self, b: _Bucket) -> Tensor:
@@ -409,20 +413,21 @@ class MoLFAdamW(Optimizer):
             ``(M * E,)`` host bool arrays: the winners and the experts with a non-finite score.
         """
         device = buckets[0].params[0].device
-        numel, valid, group_masks = self._consts(device)
+        numel, valid, tensors, group_masks = self._consts(device)
         sums = torch.zeros(numel.numel(), device=device)  # (M * E,)
-        graded = torch.zeros(numel.numel(), dtype=torch.bool, device=device)  # (M * E,) has a gradient now
+        graded = torch.zeros(numel.numel(), device=device)  # (M * E,) tensors with a gradient now
         for b in buckets:
             tensor_sums = self._tensor_sums(b)  # (P,)
             if tensor_sums.device != device:  # a model spread over devices: gather the sums on the first
                 tensor_sums = tensor_sums.to(device, non_blocking=True)
             cells = b.cell_index_on(device)
             sums.index_add_(0, cells, tensor_sums)
-            graded[cells] = True
+            graded.index_add_(0, cells, torch.ones_like(tensor_sums))
         lr = sum(mask * self.param_groups[g]["lr"] for g, mask in group_masks.items())  # (M, E)
         scores = self.score_fn.combine(sums.view(numel.shape), numel, lr)
-        # Padding and experts without a gradient this step (a module the forward did not use) are not scored.
-        live = valid & graded.view(numel.shape)
+        # Padding and experts without a gradient on every tensor this step (a module the forward did not
+        # use) are not scored: a partial sum over N_e elements would understate the score.
+        live = valid & (graded.view(numel.shape) == tensors)
         scores = torch.where(live, scores, torch.full_like(scores, float("-inf")))  # (M, E)
         winners = select_topk(scores, self.topk)
         self.last_routing = RoutingDecision(scores, winners, self.module_names, self.expert_names,
