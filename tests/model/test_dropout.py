@@ -114,3 +114,11 @@ def test_molf_linear_uses_the_native_dropout_on_cpu():
     module = MoLFLinear(torch.nn.Linear(16, 8), [4], [8.0], dropout=0.05)
     assert isinstance(module.lora_dropout, LoRADropout) and module.lora_dropout.p == 0.05
     assert native.available()  # the test machines have a C compiler; the path under test is the native one
+
+
+def test_p_one_drops_everything_like_torch():
+    x = torch.randn(4, 8, requires_grad=True)
+    out = counter_dropout(x, 1.0)
+    assert torch.equal(out, torch.zeros_like(out))
+    out.sum().backward()
+    assert torch.equal(x.grad, torch.zeros_like(x))

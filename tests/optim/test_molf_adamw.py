@@ -366,3 +366,14 @@ def test_score_backend_without_the_fused_path_warns():
     model = _molf_model()
     with pytest.warns(UserWarning, match="score_backend='eager' is ignored"):
         MoLFAdamW(model.parameters(), model, fused=False, score_backend="eager")
+
+
+def test_two_modules_sharing_an_expert_parameter_are_refused():
+    from torch import nn
+
+    from molf.model.molf_linear import MoLFLinear
+
+    shared = nn.Linear(8, 8)
+    model = nn.Sequential(MoLFLinear(shared, [2], [2.0]), MoLFLinear(shared, [2], [2.0]))
+    with pytest.raises(ValueError, match="share an expert parameter"):
+        MoLFAdamW(model.parameters(), model)

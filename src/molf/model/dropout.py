@@ -47,7 +47,7 @@ def counter_dropout(x: Tensor, p: float, training: bool = True) -> Tensor:
     """``F.dropout(x, p, training)``, through the native counter-based kernel where it applies."""
     if not training or p == 0.0:
         return x
-    if _native_ok(x):
+    if _native_ok(x) and p < 1.0:  # p = 1 drops everything: torch's zeros, not a division by 1 - p
         return _CounterDropout.apply(x, p, *_draw_key())
     return F.dropout(x, p, training)
 

@@ -75,7 +75,12 @@ class _ExpertIndex:
                 cell = m_idx * self.num_experts + e_idx
                 self.numel[cell] = float(sum(p.numel() for p in params))
                 self.valid[cell] = True
-                self.cell_of.update((id(p), cell) for p in params)
+                for p in params:
+                    if id(p) in self.cell_of:
+                        other = self.module_names[self.cell_of[id(p)] // self.num_experts]
+                        raise ValueError(f"{module_name} and {other} share an expert parameter (a tied weight); "
+                                         "each expert must be its own: leave one of the modules unwrapped")
+                    self.cell_of[id(p)] = cell
                 self._members[cell] = [(f"{module_name}.{local_names.get(id(p), '?')}", p) for p in params]
 
     def params_of(self, cell: int) -> list[tuple[str, Tensor]]:
