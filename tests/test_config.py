@@ -135,6 +135,20 @@ def test_run_name_is_readable():
     assert str(cfg.run_dir).startswith("ckpts")
 
 
+@pytest.mark.parametrize("args, fragment", [
+    (["--molf_lora_ranks", "128"], '--molf_lora_ranks: .*brackets and quotes, e.g. --molf_lora_ranks "\\[32,128\\]"'),
+    (["--seed", "abc"], "--seed: invalid literal"),
+])
+def test_a_value_of_the_wrong_type_names_its_flag(args, fragment):
+    with pytest.raises(ValueError, match=fragment):
+        parse_config(args)
+
+
+def test_max_steps_zero_and_negative_are_one_run():
+    names = {parse_config(["--max_steps", value]).run_name for value in ("0", "-1", "-5")}
+    assert len(names) == 1 and parse_config(["--max_steps", "0"]).max_steps == -1
+
+
 @pytest.mark.parametrize("args", [
     ["--mode", "molf_e", "--molf_lora_ranks", "[32,128]", "--molf_topk", "2", "--seed", "3"],
     ["--mode", "molf", "--seed", "3"],

@@ -250,11 +250,18 @@ def parse_config(args: Optional[Sequence[str]] = None, config_path: Optional[str
             which says what to change, is what the user sees).
     """
     import draccus
-    from draccus.utils import ParsingError
+    from draccus.utils import DecodingError, ParsingError
 
     try:
         return draccus.parse(config_class=TrainingConfig, config_path=config_path, args=args)
+    except DecodingError as err:  # a value that does not fit its field's type
+        field = ".".join(err.args[0]) if err.args and isinstance(err.args[0], tuple) else "a flag"
+        cause = err.__cause__ or err
+        detail = " ".join(str(cause).split())
+        if "list type" in detail:
+            detail += f' (write a list in brackets and quotes, e.g. --{field} "[32,128]")'
+        raise ValueError(f"--{field}: {detail}") from None
     except ParsingError as err:
         if isinstance(err.__cause__, ValueError):
             raise err.__cause__ from None
-        raise
+        raise ValueError(" ".join(str(err).split())) from None

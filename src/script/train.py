@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 from pathlib import Path
@@ -14,6 +15,8 @@ from typing import Optional, Sequence
 from molf.config import TrainingConfig, parse_config
 
 IS_MAIN_RANK = int(os.environ.get("RANK", "0")) == 0
+# Errors that say what to fix (the project raises these with such messages): printed as one line.
+USER_ERRORS = (ValueError, FileNotFoundError, FloatingPointError)
 
 
 def say(*args) -> None:
@@ -22,17 +25,24 @@ def say(*args) -> None:
 
 
 def check_local_paths(cfg: TrainingConfig) -> None:
-    """Fail before any model is loaded when a local data path is missing, the evaluation has no data
-    to score on, or the run directory holds an earlier run that this one would overwrite."""
+    """Fail before any model is loaded when a local data path is missing (or is a directory without the
+    split's file), the evaluation has no data to score on, or the run directory holds an earlier run
+    that this one would overwrite."""
+    from molf.data.io import resolve_split_file
+
     for flag in ("data_path", "eval_data_path"):
         value = getattr(cfg, flag)
         if value is not None and not Path(value).exists():
             raise FileNotFoundError(f"--{flag} {value} does not exist; pass an existing file or directory "
                                     "(or omit it to load the hub dataset)")
+    if cfg.data_path is not None and not cfg.only_eval:
+        resolve_split_file(Path(cfg.data_path), "train")
     if cfg.do_eval:
         from molf.data.builder import eval_source
 
-        eval_source(cfg)
+        path, split = eval_source(cfg)
+        if path is not None:
+            resolve_split_file(Path(path), split)
     if not (cfg.validate_only or cfg.preflight or cfg.only_eval):
         from molf.train.build import outputs_to_clear
 
@@ -109,7 +119,34 @@ def train(cfg: TrainingConfig) -> None:
     evaluate(cfg, merged, tokenizer)
 
 
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever ``sys.stderr`` is at the time of the message."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:
+        pass
+
+
+def _show_progress_messages() -> None:
+    """Print the package's INFO messages (strategy milestones, evaluation rows) on the main rank."""
+    package = logging.getLogger("molf")
+    if not any(getattr(h, "molf_stderr", False) for h in package.handlers):
+        handler = _StderrHandler()
+        handler.molf_stderr = True  # one such handler, however often this script is loaded
+        package.addHandler(handler)
+    package.setLevel(logging.INFO if IS_MAIN_RANK else logging.WARNING)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    _show_progress_messages()
     try:
         cfg = parse_config(argv)
         check_local_paths(cfg)
@@ -121,19 +158,22 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     say(f"run directory: {cfg.run_dir}")
     if cfg.validate_only:
         say("config is valid")
-    elif cfg.only_eval or finished_earlier(cfg):
-        if not cfg.only_eval:
-            say(f"{cfg.run_dir / 'final'} exists: this run finished training earlier, so it is "
-                + ("evaluated only" if cfg.do_eval else "left as it is (--do_eval False)")
-                + " (--overwrite_run_dir True trains it again)")
-        if IS_MAIN_RANK:  # under torchrun one process evaluates and writes the row
-            only_eval(cfg)
-    else:
-        try:
+        return 0
+    try:
+        if cfg.only_eval or finished_earlier(cfg):
+            if not cfg.only_eval:
+                say(f"{cfg.run_dir / 'final'} exists: this run finished training earlier, so it is "
+                    + ("evaluated only" if cfg.do_eval else "left as it is (--do_eval False)")
+                    + " (--overwrite_run_dir True trains it again)")
+            if IS_MAIN_RANK:  # under torchrun one process evaluates and writes the row
+                only_eval(cfg)
+        else:
             train(cfg)
-        except FloatingPointError as err:  # a diverged run: what to change, and what was kept
-            print(f"error: {err}", file=sys.stderr)
-            return 1
+    except USER_ERRORS as err:  # bad data, a config only the real step count rules out, a diverged run
+        if os.environ.get("MOLF_TRACEBACK") == "1":
+            raise
+        print(f"error: {err} (MOLF_TRACEBACK=1 shows where it was raised)", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -110,10 +110,12 @@ def test_cli_reads_resolved_config_of_the_run(tokenizer, tmp_path):
     with (tmp_path / "run" / "resolved_config.yaml").open("w") as handle:
         run_cfg.dump_yaml(handle)
     main(["--task", "med", "--model", str(checkpoint), "--data_path", str(FIXTURES / "med" / "validation.jsonl"),
-          "--num_eval_samples", "2", "--results_dir", str(tmp_path / "results")])
+          "--num_eval_samples", "2", "--max_seq_length", "200", "--results_dir", str(tmp_path / "results")])
     with (tmp_path / "results" / "med.csv").open(newline="") as handle:
         [row] = list(csv.DictReader(handle))
+    # The evaluation's flags (here a max_seq_length the run did not train with) leave the run's row alone.
     assert row["run_name"] == run_cfg.run_name and row["mode"] == "fft" and row["model"] == "tiny-qwen2"
+    assert row["other_hparams"] == "{}" and row["num_eval_samples"] == "2"
     assert row["checkpoint"] == str(checkpoint)
 
 

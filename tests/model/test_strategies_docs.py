@@ -40,8 +40,9 @@ def test_doc_has_phase_and_handoff_examples():
 
 @pytest.mark.parametrize("index", [0, 1])
 def test_examples_validate_without_warnings(index):
+    """Also against the run's real length: the plan fits the example's max_steps."""
     example = _examples()[index]
-    assert validate_strategy(_strategy_cfg(example), example["mode"], total_steps=200) == []
+    assert validate_strategy(_strategy_cfg(example), example["mode"], total_steps=example["max_steps"]) == []
 
 
 @pytest.mark.parametrize("index", [0, 1])

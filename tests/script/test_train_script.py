@@ -119,6 +119,44 @@ def test_a_diverging_run_exits_1_with_what_to_change(tmp_path, capsys):
     assert not list((tmp_path / "runs").glob("*/final"))
 
 
+def test_a_data_directory_without_the_split_file_is_refused_before_loading(tmp_path, capsys):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    argv = flags(tmp_path, "--validate_only", "True")
+    for flag in ("--data_path", "--eval_data_path"):
+        argv[argv.index(flag) + 1] = str(empty)
+    assert load_script("train").main(argv) == 2
+    assert f"no train file in directory {empty}" in capsys.readouterr().err
+
+
+@pytest.mark.integration
+def test_a_malformed_record_found_while_training_is_a_one_line_error(tmp_path, capsys):
+    import shutil
+
+    data = tmp_path / "med"
+    shutil.copytree(FIXTURES / "med", data)
+    rows = (data / "train.jsonl").read_text().splitlines()
+    bad = json.loads(rows[5])
+    bad["cop"] = 4
+    rows[5] = json.dumps(bad)
+    (data / "train.jsonl").write_text("\n".join(rows) + "\n")
+    argv = flags(tmp_path, "--do_eval", "False")
+    argv[argv.index("--data_path") + 1] = str(data)
+    assert load_script("train").main(argv) == 1
+    err = capsys.readouterr().err
+    assert "error: " in err and "train.jsonl:6: field 'cop'" in err and "Traceback" not in err
+
+
+def test_progress_messages_of_the_package_are_printed(capsys):
+    import logging
+
+    script = load_script("train")
+    script._show_progress_messages()
+    script._show_progress_messages()  # idempotent: one handler
+    logging.getLogger("molf.model.strategies.runtime").info("step 40: ffn fade starts")
+    assert capsys.readouterr().err.count("step 40: ffn fade starts") == 1
+
+
 def test_count_params_script(capsys):
     assert load_script("count_params").main(["--model_name_or_path", TINY, "--mode", "molf_e",
                                              "--molf_lora_ranks", "[4,8]"]) == 0

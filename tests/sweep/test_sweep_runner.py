@@ -99,6 +99,11 @@ def test_only_a_complete_row_of_the_same_evaluation_marks_a_job_done(tmp_path, r
     assert is_done(job, paths, subset) is (done is False and row["accuracy"] == "0.5")
 
 
+def test_a_filter_value_that_matches_nothing_is_an_error():
+    with pytest.raises(ValueError, match="task=medd matches no job.*dataset_type takes \\['fact', 'med', 'sql'\\]"):
+        filter_jobs(grid_jobs("molf"), ["task=medd"])
+
+
 def test_index_ranges_and_boolean_filters():
     assert parse_indices("0-2,5", 10) == [0, 1, 2, 5]
     with pytest.raises(ValueError, match="is empty: write the lower index first, e.g. 1-3"):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import logging
 from dataclasses import dataclass
@@ -56,10 +57,12 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 
 
 def build_config(args: argparse.Namespace):
-    """The run's TrainingConfig when its resolved_config.yaml is found, else defaults; then the CLI flags."""
+    """The evaluation's config: the run's TrainingConfig when its resolved_config.yaml is found, else
+    defaults, with the CLI flags on top. Also returns the run's TrainingConfig as it was trained (the
+    flags change what is evaluated, not the run's name and settings in the results row)."""
     resolved = None if args.model.startswith("tiny-") else find_resolved_config(Path(args.model))
     training_config = load_training_config(resolved) if resolved is not None else None
-    cfg = training_config if training_config is not None else StandaloneEvalConfig()
+    cfg = copy.deepcopy(training_config) if training_config is not None else StandaloneEvalConfig()
     for name in OVERRIDES:
         value = getattr(args, name)
         if value is not None:

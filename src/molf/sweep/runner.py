@@ -78,7 +78,11 @@ def filter_jobs(jobs: Sequence[Job], filters: Sequence[str]) -> list[Job]:
         key = FILTER_ALIASES.get(key, key)
         if jobs and all(key not in job.flags for job in jobs):
             raise ValueError(f"no job of this grid has the flag {key!r}; flags: {sorted(jobs[0].flags)}")
+        before = selected
         selected = [job for job in selected if key in job.flags and _matches(job.flags[key], wanted)]
+        if before and not selected:
+            values = sorted({format_flag_value(job.flags[key]) for job in before if key in job.flags})
+            raise ValueError(f"--filter {item} matches no job (after the filters before it); {key} takes {values}")
     return selected
 
 

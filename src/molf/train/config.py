@@ -79,6 +79,8 @@ class TrainConfig:
     dataloader_num_workers: int = 0
 
     def __post_init__(self) -> None:
+        if self.max_steps <= 0:
+            self.max_steps = -1  # 0 and every negative value mean "train for num_train_epochs": one run name
         if not self.model_name_or_path:
             raise ValueError("model_name_or_path is empty: give a hub id, a local directory or tiny-qwen2")
         if not (math.isfinite(self.num_train_epochs) and self.num_train_epochs > 0):
