@@ -144,6 +144,13 @@ def test_a_value_of_the_wrong_type_names_its_flag(args, fragment):
         parse_config(args)
 
 
+def test_an_unknown_yaml_key_is_a_one_line_error(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("learnin_rate: 1e-3\n")
+    with pytest.raises(ValueError, match="learnin_rate.*misspelled key"):
+        parse_config(["--config_path", str(path)])
+
+
 def test_max_steps_zero_and_negative_are_one_run():
     names = {parse_config(["--max_steps", value]).run_name for value in ("0", "-1", "-5")}
     assert len(names) == 1 and parse_config(["--max_steps", "0"]).max_steps == -1

@@ -255,12 +255,14 @@ def parse_config(args: Optional[Sequence[str]] = None, config_path: Optional[str
     try:
         return draccus.parse(config_class=TrainingConfig, config_path=config_path, args=args)
     except DecodingError as err:  # a value that does not fit its field's type
-        field = ".".join(err.args[0]) if err.args and isinstance(err.args[0], tuple) else "a flag"
+        field = ".".join(err.args[0]) if err.args and isinstance(err.args[0], tuple) else ""
         cause = err.__cause__ or err
         detail = " ".join(str(cause).split())
         if "list type" in detail:
             detail += f' (write a list in brackets and quotes, e.g. --{field} "[32,128]")'
-        raise ValueError(f"--{field}: {detail}") from None
+        if not field and "not valid for" in detail:
+            detail += " (a misspelled key in the --config_path YAML?)"
+        raise ValueError(f"--{field}: {detail}" if field else detail) from None
     except ParsingError as err:
         if isinstance(err.__cause__, ValueError):
             raise err.__cause__ from None

@@ -166,3 +166,36 @@ def test_router_losses_decrease_when_optimised():
         opt.zero_grad()
     assert history[-1][0] < history[0][0] and history[-1][1] < history[0][1]
     assert torch.isfinite(torch.tensor(history)).all()
+
+
+def _router_grads(checkpointing: bool) -> dict:
+    model = small_model("qwen2")
+    torch.manual_seed(0)  # the same routers and experts in both runs
+    runtime = apply_strategy(model, StrategyLoRAConfig(num_experts=3, expert_top_k=2, lora_rank=2,
+                                                       router_z_loss_coef=1.0, router_aux_loss_coef=1.0),
+                             "mixture_lora")
+    if checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    ids = torch.randint(0, 128, (2, 10), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    mask[1, 4:] = 0
+    runtime.set_token_mask(mask)
+    model(input_ids=ids, attention_mask=mask)
+    extra, _ = runtime.extra_loss(model)
+    extra.backward()  # checkpointing recomputes the routers here, after extra_loss was taken
+    return {n: p.grad.clone() for n, p in model.named_parameters() if "router" in n and p.grad is not None}
+
+
+def test_router_loss_gradients_are_the_same_under_gradient_checkpointing():
+    plain, checkpointed = _router_grads(False), _router_grads(True)
+    assert plain and plain.keys() == checkpointed.keys()
+    for name in plain:
+        torch.testing.assert_close(checkpointed[name], plain[name], msg=name)
+
+
+def test_router_runs_in_fp32_under_bf16_autocast():
+    router = TopKRouter(8, num_experts=4, top_k=2, renormalize=True).train()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        routing = router(torch.randn(6, 8, dtype=torch.bfloat16))
+    assert routing.weights.dtype == routing.z_loss.dtype == routing.aux_loss.dtype == torch.float32

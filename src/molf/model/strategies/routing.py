@@ -54,17 +54,19 @@ class TopKRouter(nn.Module):
         nn.init.normal_(self.weight, std=in_features ** -0.5)
         # (z_loss, aux_loss) of the latest training forward; ``StrategyRuntime.extra_loss`` takes it.
         self.last_losses: tuple[torch.Tensor, torch.Tensor] | None = None
-        # (T,) 1 for the real tokens of the coming forward, 0 for padding; None: every token counts.
+        # (T,) 1 for the real tokens of the current batch, 0 for padding; None: every token counts. It
+        # stays set until the next batch's, so that a recomputed forward (gradient checkpointing) sees it.
         self.token_mask: torch.Tensor | None = None
 
     def forward(self, x: torch.Tensor) -> Routing:
         """Route tokens ``x`` (T, in); keeps the losses in ``last_losses`` when training with gradients."""
-        logits = F.linear(x.float(), self.weight.float())  # (T, E) fp32
-        probs = logits.softmax(dim=-1)  # (T, E)
-        top_p, top_i = probs.topk(self.top_k, dim=-1)  # (T, k)
-        if self.renormalize:
-            top_p = top_p / top_p.sum(dim=-1, keepdim=True)
-        z_loss, aux_loss = self._losses(logits, probs, top_i)
+        with torch.autocast(device_type=x.device.type, enabled=False):  # fp32 under bf16_mixed too
+            logits = F.linear(x.float(), self.weight.float())  # (T, E) fp32
+            probs = logits.softmax(dim=-1)  # (T, E)
+            top_p, top_i = probs.topk(self.top_k, dim=-1)  # (T, k)
+            if self.renormalize:
+                top_p = top_p / top_p.sum(dim=-1, keepdim=True)
+            z_loss, aux_loss = self._losses(logits, probs, top_i)
         if self.training and torch.is_grad_enabled():
             self.last_losses = (z_loss, aux_loss)
         return Routing(top_p, top_i, z_loss, aux_loss)

@@ -139,8 +139,8 @@ class StrategyRuntime:
         return {kind: list(self.groups[kind]) for kind in TRAINABLE_KINDS if kind in self.active and self.groups[kind]}
 
     def set_token_mask(self, attention_mask: Optional[torch.Tensor]) -> None:
-        """Make the coming forward's router losses skip padding: ``attention_mask`` (B, S) of the batch,
-        or None to count every token. ``extra_loss`` clears it."""
+        """Make the router losses of this batch's forward (and of its recomputation under gradient
+        checkpointing) skip padding: ``attention_mask`` (B, S) of the batch, or None to count every token."""
         for r in self.routers:
             r.token_mask = attention_mask
 
@@ -158,7 +158,6 @@ class StrategyRuntime:
         pairs = [r.last_losses for r in self.routers if r.last_losses is not None]
         for r in self.routers:
             r.last_losses = None
-            r.token_mask = None
         if not pairs:
             return None, {}
         z = torch.stack([zl for zl, _ in pairs]).mean()
