@@ -30,6 +30,10 @@ def check_local_paths(cfg: TrainingConfig) -> None:
     that this one would overwrite."""
     from molf.data.io import resolve_split_file
 
+    for flag in ("model_name_or_path", "tokenizer_name_or_path"):  # a path, not a hub id, that is not there
+        value = getattr(cfg, flag)
+        if value is not None and value.startswith(("/", "./", "../", "~")) and not Path(value).expanduser().exists():
+            raise FileNotFoundError(f"--{flag} {value} does not exist; pass an existing directory or a hub id")
     for flag in ("data_path", "eval_data_path"):
         value = getattr(cfg, flag)
         if value is not None and not Path(value).exists():

@@ -119,6 +119,13 @@ def test_a_diverging_run_exits_1_with_what_to_change(tmp_path, capsys):
     assert not list((tmp_path / "runs").glob("*/final"))
 
 
+def test_a_missing_tokenizer_directory_is_refused_before_loading(tmp_path, capsys):
+    missing = tmp_path / "no_tokenizer"
+    assert load_script("train").main(flags(tmp_path, "--tokenizer_name_or_path", str(missing))) == 2
+    assert f"--tokenizer_name_or_path {missing} does not exist" in capsys.readouterr().err
+    assert not (tmp_path / "runs").exists()
+
+
 def test_a_data_directory_without_the_split_file_is_refused_before_loading(tmp_path, capsys):
     empty = tmp_path / "empty"
     empty.mkdir()
