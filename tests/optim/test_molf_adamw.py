@@ -30,6 +30,14 @@ def _batch(seed=0):
     return torch.randint(0, 128, (2, 8), generator=torch.Generator().manual_seed(seed))
 
 
+def _optimizer_after_backward(model, path):
+    """``model``'s optimizer on ``path``, with the gradients of one batch in place (no step yet)."""
+    optimizer = MoLFAdamW.from_config(model, OPTIM, **PATH_KWARGS[path])
+    ids = _batch()
+    model(ids, labels=ids).loss.backward()
+    return optimizer
+
+
 def _warmup(optimizer, warmup=3):
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda t: min(1.0, t / warmup))
 
@@ -298,9 +306,7 @@ def test_scores_are_fp32_math_in_low_precision(dtype, path):
     """eps_s = 1e-8 is 0 in fp16: a LoRA expert whose gradient is exactly zero (lora_A while B = 0)
     would score 0/0 = NaN and be reset every step if the terms were computed in the moments' dtype."""
     model = _molf_model(ranks=(4,)).to(dtype)
-    optimizer = MoLFAdamW.from_config(model, OPTIM, **PATH_KWARGS[path])
-    ids = _batch()
-    model(ids, labels=ids).loss.backward()
+    optimizer = _optimizer_after_backward(model, path)
     optimizer.step()
     scores = optimizer.last_routing.scores
     assert bool(torch.isfinite(scores).all()) and optimizer.nonfinite_resets == 0
@@ -324,9 +330,7 @@ def test_zero_eps_is_refused():
 @PATHS
 def test_a_module_without_gradient_this_step_has_no_winner(path):
     model = _molf_model(ranks=(4,))
-    optimizer = MoLFAdamW.from_config(model, OPTIM, **PATH_KWARGS[path])
-    ids = _batch()
-    model(ids, labels=ids).loss.backward()
+    optimizer = _optimizer_after_backward(model, path)
     unused = [name for name, _ in molf_modules(model)][-1]
     module = dict(molf_modules(model))[unused]
     for p in module.parameters():
@@ -343,9 +347,7 @@ def test_a_module_without_gradient_this_step_has_no_winner(path):
 @PATHS
 def test_an_expert_with_a_gradient_on_only_some_tensors_is_not_scored(path):
     model = _molf_model(ranks=(4,))
-    optimizer = MoLFAdamW.from_config(model, OPTIM, **PATH_KWARGS[path])
-    ids = _batch()
-    model(ids, labels=ids).loss.backward()
+    optimizer = _optimizer_after_backward(model, path)
     name, module = molf_modules(model)[0]
     module.lora_A[0].grad = None  # lora_B[0] keeps its gradient: half an expert
     optimizer.step()
