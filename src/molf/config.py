@@ -162,12 +162,16 @@ class TrainingConfig(TrainConfig, DataConfig, EvalConfig, OptimConfig, MoLFConfi
                   self.identity_hash()]
         return "_".join(parts)
 
-    def identity_hash(self) -> str:
-        """8 hex digits of SHA-1 over every field that changes what is trained."""
+    def identity_fields(self) -> dict[str, Any]:
+        """Every field that changes what is trained, by name."""
         fields = {k: v for k, v in dataclasses.asdict(self).items() if k not in _NOT_IDENTITY}
         if self.drop_eval_overlap:  # the eval questions then decide which training rows are kept
             fields["eval_data_path"] = self.eval_data_path
-        return hashlib.sha1(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()[:8]
+        return fields
+
+    def identity_hash(self) -> str:
+        """8 hex digits of SHA-1 over ``identity_fields``."""
+        return hashlib.sha1(json.dumps(self.identity_fields(), sort_keys=True, default=str).encode()).hexdigest()[:8]
 
     @property
     def run_dir(self) -> Path:
@@ -208,10 +212,8 @@ class TrainingConfig(TrainConfig, DataConfig, EvalConfig, OptimConfig, MoLFConfi
         """The fields in the run's identity that differ from their defaults and have no results column
         of their own (e.g. ``data_path``, ``lora_alpha``, ``precision``, ``max_seq_length``)."""
         defaults = _defaults()
-        fields = {k: v for k, v in dataclasses.asdict(self).items()
-                  if k not in _NOT_IDENTITY and k not in _OWN_COLUMNS and v != getattr(defaults, k)}
-        if self.drop_eval_overlap:
-            fields["eval_data_path"] = self.eval_data_path
+        fields = {k: v for k, v in self.identity_fields().items()
+                  if k not in _OWN_COLUMNS and v != getattr(defaults, k)}
         # Set by the mode, not by the user: --mode molf_e says it already.
         fields.pop("molf_fft", None)
         return fields

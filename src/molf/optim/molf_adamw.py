@@ -82,6 +82,8 @@ class _ExpertIndex:
                                          "each expert must be its own: leave one of the modules unwrapped")
                     self.cell_of[id(p)] = cell
                 self._members[cell] = [(f"{module_name}.{local_names.get(id(p), '?')}", p) for p in params]
+        # (M * E,) how many tensors each expert has (0 for padding cells).
+        self.num_tensors = np.bincount(list(self.cell_of.values()), minlength=self.num_modules * self.num_experts)
 
     def params_of(self, cell: int) -> list[tuple[str, Tensor]]:
         """``(qualified name, parameter)`` of every tensor of the expert in ``cell``."""
@@ -242,7 +244,7 @@ class MoLFAdamW(Optimizer):
             ValueError: if an expert's parameters are missing from the groups or split across groups.
         """
         cells = self._experts.cell_of
-        expected = np.bincount(list(cells.values()), minlength=self._experts.valid.numel())
+        expected = self._experts.num_tensors
         found = np.zeros_like(expected)
         groups = np.full(expected.shape, -1)
         split = np.zeros(expected.shape, dtype=bool)
@@ -370,11 +372,10 @@ class MoLFAdamW(Optimizer):
             masks = {int(g): torch.as_tensor((self._expert_groups == g).reshape(shape), dtype=torch.float32,
                                              device=device)
                      for g in np.unique(self._expert_groups) if g >= 0}
-            tensors = np.bincount(list(self._experts.cell_of.values()), minlength=shape[0] * shape[1])
             self._device_consts[device] = (torch.as_tensor(self._experts.numel.view(shape), device=device),
                                            torch.as_tensor(self._experts.valid.view(shape), device=device),
-                                           torch.as_tensor(tensors.reshape(shape), dtype=torch.float32,
-                                                           device=device), masks)
+                                           torch.as_tensor(self._experts.num_tensors.reshape(shape),
+                                                           dtype=torch.float32, device=device), masks)
         return self._device_consts[device]
 
     def _tensor_sums(self, b: _Bucket) -> Tensor:

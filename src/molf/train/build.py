@@ -12,6 +12,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from molf.train.callbacks import METRICS_FILENAME, JsonMetricsCallback, RoutingLogCallback
 from molf.train.config import MOLF_MODES, RESUME_AUTO, STRATEGY_MODES
+from molf.train.export import FINAL_DIR, STAGING_DIR
 from molf.train.routing_log import LOG_FILENAME
 from molf.train.trainer import MoLFTrainer
 
@@ -188,7 +189,7 @@ def last_complete_checkpoint(run_dir: Path) -> Optional[str]:
     return str(max(complete, key=lambda path: int(path.name.split("-")[-1]))) if complete else None
 
 
-RUN_OUTPUTS = ("final", "final.partial", LOG_FILENAME, METRICS_FILENAME)
+RUN_OUTPUTS = (FINAL_DIR, STAGING_DIR, LOG_FILENAME, METRICS_FILENAME)
 
 
 def existing_run_outputs(run_dir: Path) -> list[str]:
@@ -215,7 +216,7 @@ def outputs_to_clear(cfg: Any) -> list[str]:
     if cfg.resume_from_checkpoint not in (None, RESUME_AUTO):
         return []
     if cfg.resume_from_checkpoint == RESUME_AUTO:
-        if "final" in existing or last_complete_checkpoint(cfg.run_dir) is not None:
+        if FINAL_DIR in existing or last_complete_checkpoint(cfg.run_dir) is not None:
             return []
         return existing
     raise ValueError(f"{cfg.run_dir} already holds this run ({', '.join(existing)}): pass --resume_from_checkpoint "
@@ -227,7 +228,7 @@ def finished_earlier(cfg: Any) -> bool:
     """True when ``--resume_from_checkpoint auto`` finds the run's ``final/``: its training (and merge)
     completed before, so only its evaluation is left (a resubmitted job that died while evaluating)."""
     return (cfg.resume_from_checkpoint == RESUME_AUTO and not cfg.overwrite_run_dir
-            and (Path(cfg.run_dir) / "final").is_dir())
+            and (Path(cfg.run_dir) / FINAL_DIR).is_dir())
 
 
 def clear_run_outputs(run_dir: Path, names: Iterable[str]) -> None:
