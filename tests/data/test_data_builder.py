@@ -55,7 +55,8 @@ def test_csv_parquet_json_load_the_same_rows(tmp_path, tokenizer):
     pd.DataFrame(records).to_csv(tmp_path / "train.csv", index=False)
     pd.DataFrame(records).to_parquet(tmp_path / "train.parquet")
     (tmp_path / "train.json").write_text(json.dumps(records))
-    reference = build_train_dataset(_cfg(dataset_type="med", data_path=str(FIXTURES / "med" / "train.jsonl")), tokenizer, 0)
+    reference = build_train_dataset(_cfg(dataset_type="med", data_path=str(FIXTURES / "med" / "train.jsonl")),
+                                    tokenizer, 0)
     for name in ("train.csv", "train.parquet", "train.json"):
         dataset = build_train_dataset(_cfg(dataset_type="med", data_path=str(tmp_path / name)), tokenizer, 0)
         assert dataset["input_ids"] == reference["input_ids"], name
@@ -117,3 +118,20 @@ def test_eval_source_never_falls_back_to_the_hub_for_local_training_data(tmp_pat
     shutil.copy(med_dir / "train.jsonl", tmp_path / "train.jsonl")
     with pytest.raises(FileNotFoundError, match="no eval file in directory"):
         load_examples(_cfg(dataset_type="med", data_path=str(tmp_path)), "eval")
+
+
+def test_overlap_is_checked_against_a_data_directory_eval_file_only_when_there_is_one(tmp_path, tokenizer, caplog):
+    med_dir = FIXTURES / "med"
+    train_rows = (med_dir / "train.jsonl").read_text().splitlines()
+    shutil.copy(med_dir / "train.jsonl", tmp_path / "train.jsonl")
+    (tmp_path / "validation.jsonl").write_text("\n".join(train_rows[:3]) + "\n")  # three training questions
+    cfg = _cfg(dataset_type="med", data_path=str(tmp_path))
+    assert len(build_train_dataset(cfg, tokenizer, 0)) == len(train_rows)
+    assert "pass --drop_eval_overlap True" in caplog.text
+    cfg.drop_eval_overlap = True
+    assert len(build_train_dataset(cfg, tokenizer, 0)) == len(train_rows) - 3
+    caplog.clear()
+    # a local training file with no eval file: nothing to compare against, and no eval_source error
+    cfg = _cfg(dataset_type="med", data_path=str(tmp_path / "train.jsonl"), drop_eval_overlap=True)
+    assert len(build_train_dataset(cfg, tokenizer, 0)) == len(train_rows)
+    assert "overlap" not in caplog.text.lower() and "eval" not in caplog.text.lower()

@@ -28,6 +28,18 @@ def _data_file(path: Optional[str], split: str) -> Optional[Path]:
     return None if path is None else resolve_split_file(Path(path), split)
 
 
+def _eval_location(cfg: Any) -> Optional[tuple[Optional[str], str]]:
+    """``eval_source``'s answer, or None where there is nothing to score on (a local training file
+    and no ``eval_data_path``)."""
+    if cfg.eval_data_path is not None or cfg.data_path is None:
+        return cfg.eval_data_path, "eval"
+    if cfg.dataset_type == "fact":
+        return cfg.data_path, "train"
+    if Path(cfg.data_path).is_dir():
+        return cfg.data_path, "eval"
+    return None
+
+
 def eval_source(cfg: Any) -> tuple[Optional[str], str]:
     """Where the eval examples come from: ``(path, split of that path)``; path None means the hub.
 
@@ -38,15 +50,12 @@ def eval_source(cfg: Any) -> tuple[Optional[str], str]:
     Raises:
         ValueError: ``cfg.data_path`` is a local file and no ``eval_data_path`` says what to score on.
     """
-    if cfg.eval_data_path is not None or cfg.data_path is None:
-        return cfg.eval_data_path, "eval"
-    if cfg.dataset_type == "fact":
-        return cfg.data_path, "train"
-    if Path(cfg.data_path).is_dir():
-        return cfg.data_path, "eval"
-    raise ValueError(f"--data_path {cfg.data_path} is a local file but there is no --eval_data_path: pass the "
-                     "evaluation file with --eval_data_path (or --do_eval False); the hub's eval split is never "
-                     "used silently for a run trained on local data")
+    location = _eval_location(cfg)
+    if location is None:
+        raise ValueError(f"--data_path {cfg.data_path} is a local file but there is no --eval_data_path: pass the "
+                         "evaluation file with --eval_data_path (or --do_eval False); the hub's eval split is never "
+                         "used silently for a run trained on local data")
+    return location
 
 
 def load_examples(cfg: Any, split: str) -> list:
@@ -66,8 +75,8 @@ def load_examples(cfg: Any, split: str) -> list:
 
 def _without_eval_overlap(cfg: Any, examples: list) -> list:
     """Report (and with ``drop_eval_overlap``, drop) training questions that are also eval questions."""
-    local_eval = cfg.eval_data_path is not None or (cfg.data_path is not None and Path(cfg.data_path).is_dir())
-    if cfg.dataset_type == "fact" or not local_eval:
+    location = _eval_location(cfg)
+    if cfg.dataset_type == "fact" or location is None or location[0] is None:  # no eval set, or the hub's
         return examples
     evaluation = load_examples(cfg, "eval")
     if getattr(cfg, "drop_eval_overlap", False):
