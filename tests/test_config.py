@@ -222,7 +222,8 @@ def test_strategy_mode_is_validated_at_parse_time():
 def test_eval_data_path_names_the_run_only_when_it_filters_training_rows():
     first, second = ({"data_path": "train.jsonl", "eval_data_path": path} for path in ("a.jsonl", "b.jsonl"))
     assert TrainingConfig(**first).run_dir == TrainingConfig(**second).run_dir
-    assert TrainingConfig(**first, drop_eval_overlap=True).run_dir != TrainingConfig(**second, drop_eval_overlap=True).run_dir
+    assert (TrainingConfig(**first, drop_eval_overlap=True).run_dir
+            != TrainingConfig(**second, drop_eval_overlap=True).run_dir)
 
 
 @pytest.mark.parametrize("mode", ["fft", "lora", "molf"])

@@ -126,7 +126,6 @@ def test_other_csvs_in_the_glob_are_skipped_with_a_warning(tmp_path):
     assert set(results["task"]) == {"fact"}
 
 
-
 def test_only_skipped_csvs_is_an_error_that_says_so(tmp_path):
     bench = tmp_path / "bench_train.csv"
     bench.write_text("mode,median_step_time_s\nfft,0.4\n")

@@ -77,7 +77,8 @@ def test_sql_gretel_prompt_on_real_record():
 
 
 def test_sql_create_context_prompt_on_real_record():
-    [first] = sql.parse_rows(load_file(FIXTURES / "sql" / "sql_create_context.jsonl")[:1], sql.spider_paths(None, None, None))
+    [first] = sql.parse_rows(load_file(FIXTURES / "sql" / "sql_create_context.jsonl")[:1],
+                             sql.spider_paths(None, None, None))
     assert first.prompt == (
         "Below is an instruction that describes a task, paired with an input that provides further context. "
         "Write a response that appropriately completes the request.\n\n"
@@ -129,7 +130,8 @@ def test_fact_easyedit_record():
 
 
 def test_fact_original_layout():
-    record = {"case_id": 0, "requested_rewrite": {"prompt": "The mother tongue of {} is", "subject": "Danielle Darrieux",
+    record = {"case_id": 0, "requested_rewrite": {"prompt": "The mother tongue of {} is",
+                                                  "subject": "Danielle Darrieux",
                                                   "target_new": {"str": "English", "id": "Q1860"},
                                                   "target_true": {"str": "French", "id": "Q150"}},
               "paraphrase_prompts": ["p1 Danielle Darrieux speaks", "p2"], "neighborhood_prompts": ["n1", "n2", "n3"]}

@@ -88,7 +88,8 @@ def test_med_subjects_go_to_a_details_json(tokenizer, tmp_path):
         record["subject_name"] = subject
     data = tmp_path / "validation.jsonl"
     data.write_text("".join(json.dumps(record) + "\n" for record in records))
-    cfg = StandaloneEvalConfig(dataset_type="med", eval_data_path=str(data), max_new_tokens=2, results_dir=str(tmp_path))
+    cfg = StandaloneEvalConfig(dataset_type="med", eval_data_path=str(data), max_new_tokens=2,
+                               results_dir=str(tmp_path))
     evaluate_task("med", build_tiny_model("qwen2", seed=0, **TINY), tokenizer, cfg, _run_info("med"))
     details = json.loads((tmp_path / "med_details" / "e2e_med.json").read_text())
     assert sorted(details["per_subject"]) == ["Anatomy", "Surgery"]
@@ -103,7 +104,8 @@ def test_data_config_rejects_bad_answer_base():
 def test_cli_reads_resolved_config_of_the_run(tokenizer, tmp_path):
     from molf.config import TrainingConfig
 
-    run_cfg = TrainingConfig(dataset_type="med", mode="fft", model_name_or_path="tiny-qwen2", ckpt_dir_root=str(tmp_path))
+    run_cfg = TrainingConfig(dataset_type="med", mode="fft", model_name_or_path="tiny-qwen2",
+                             ckpt_dir_root=str(tmp_path))
     checkpoint = tmp_path / "run" / "final"
     build_tiny_model("qwen2", seed=0, **TINY).save_pretrained(checkpoint)
     tokenizer.save_pretrained(checkpoint)

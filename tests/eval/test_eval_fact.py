@@ -64,7 +64,8 @@ def test_efficacy_margins_generalization_specificity_by_hand():
     ]
     metrics = score_fact(BigramStub(_table()), WordTokenizer(), examples, batch_size=3)
     first_2 = (row_of[IDS["English"]] - row_of[IDS["French"]]).item()
-    seq_2 = (row_of[IDS["English"]] + row_english[IDS["Paris"]] - row_of[IDS["French"]] - row_french[IDS["Rome"]]).item()
+    seq_2 = (row_of[IDS["English"]] + row_english[IDS["Paris"]]
+             - row_of[IDS["French"]] - row_french[IDS["Rome"]]).item()
     # P(English|of) = 1/12, P(French|of) = 2/12, P(Paris|English) = 3/13, P(Rome|French) = 1/11.
     assert first_2 == pytest.approx(-math.log(2.0), abs=1e-6)
     assert seq_2 == pytest.approx(math.log((1 / 12) * (3 / 13) / ((2 / 12) * (1 / 11))), abs=1e-6)
@@ -88,7 +89,8 @@ def test_specificity_counts_prompts_where_the_true_answer_still_wins():
 
 
 def test_batch_size_does_not_change_scores():
-    examples = [_example("X is", "English", "French", rephrase=["Y of"]), _example("X of", "English Paris", "French Rome")]
+    examples = [_example("X is", "English", "French", rephrase=["Y of"]),
+                _example("X of", "English Paris", "French Rome")]
     one = score_fact(BigramStub(_table()), WordTokenizer(), examples, batch_size=1)
     many = score_fact(BigramStub(_table()), WordTokenizer(), examples, batch_size=16)
     assert one == pytest.approx(many, nan_ok=True)

@@ -7,7 +7,8 @@ import multiprocessing
 
 import pytest
 
-from molf.eval.results import EVALUATOR_COLUMNS, RUN_COLUMNS, TASK_METRICS, append_row, build_row, check_task_file, task_columns
+from molf.eval.results import (EVALUATOR_COLUMNS, RUN_COLUMNS, TASK_METRICS, append_row, build_row, check_task_file,
+                               task_columns)
 
 COLUMNS = ("worker", "index", "text")
 

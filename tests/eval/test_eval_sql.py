@@ -16,7 +16,8 @@ FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "sql"
 
 
 def _examples(name):
-    return load_examples(SimpleNamespace(dataset_type="sql", data_path=None, eval_data_path=str(FIXTURES / name)), "eval")
+    return load_examples(SimpleNamespace(dataset_type="sql", data_path=None, eval_data_path=str(FIXTURES / name)),
+                         "eval")
 
 
 def _memory_example(context: str, gold: str = "SELECT 1") -> SQLExample:
@@ -34,7 +35,8 @@ def _memory_example(context: str, gold: str = "SELECT 1") -> SQLExample:
     ("SELECT a FROM t\n### Instruction:\nmore", "SELECT a FROM t"),
     ("no query here", "no query here"),
     ("(SELECT a FROM t) UNION (SELECT b FROM u);", "(SELECT a FROM t) UNION (SELECT b FROM u)"),
-    ("SELECT a FROM t -- the ; is a comment\nWHERE a > 1; SELECT 2", "SELECT a FROM t -- the ; is a comment\nWHERE a > 1"),
+    ("SELECT a FROM t -- the ; is a comment\nWHERE a > 1; SELECT 2",
+     "SELECT a FROM t -- the ; is a comment\nWHERE a > 1"),
     ("SELECT /* ; */ a FROM t; SELECT 2", "SELECT /* ; */ a FROM t"),
     ("SELECT * FROM t;\n```", "SELECT * FROM t"),
     ("SELECT * FROM t\n```\n\nExplanation of the query", "SELECT * FROM t"),
@@ -113,6 +115,7 @@ def test_missing_spider_database_is_a_clear_error(tmp_path):
 def test_missing_spider_databases_are_named_before_any_generation(tmp_path):
     examples = _examples("spider_dev.jsonl")[:3]
     check_databases(examples)
-    moved = [SQLExample(e.prompt, e.target, e.question, e.context, tmp_path / "gone" / "gone.sqlite") for e in examples[:2]]
+    moved = [SQLExample(e.prompt, e.target, e.question, e.context, tmp_path / "gone" / "gone.sqlite")
+             for e in examples[:2]]
     with pytest.raises(FileNotFoundError, match=r"2 eval rows .*gone.sqlite \(2 rows\).*--spider_databases_dir"):
         check_databases(examples + moved)

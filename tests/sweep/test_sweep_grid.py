@@ -37,7 +37,8 @@ def test_shared_settings():
         assert (flags["per_device_batch_size"], flags["gradient_accumulation_steps"]) == (8, 4)
         assert (flags["num_train_epochs"], flags["warm_up_ratio"]) == (2, 0.1)
         assert flags["lr_scheduler_type"] in ("cosine", "linear")
-    molf = {j.flags["learning_rate"] for j in grid_jobs("molf")}, {j.flags["lora_learning_rate"] for j in grid_jobs("molf")}
+    molf = ({j.flags["learning_rate"] for j in grid_jobs("molf")},
+            {j.flags["lora_learning_rate"] for j in grid_jobs("molf")})
     assert molf == ({1e-4, 5e-5, 2e-5}, {5e-4, 5e-5})
     assert {tuple(j.flags["molf_lora_ranks"]) for j in grid_jobs("molf_e")} == {(32, 128)}
     assert {j.flags["lora_rank"] for j in grid_jobs("lora")} == {32}

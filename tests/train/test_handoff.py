@@ -16,7 +16,8 @@ FADE = {"start_step": 10, "duration": 20, "end_scale": 0.0, "curve": "cosine", "
 RAMP = {"start_step": 10, "end_step": 30, "start_multiplier": 0.1, "end_multiplier": 1.0}
 
 
-@pytest.mark.parametrize("step, expected", [(0, 1.0), (10, 1.0), (15, 0.75), (20, 0.5), (25, 0.25), (30, 0.0), (99, 0.0)])
+@pytest.mark.parametrize("step, expected",
+                         [(0, 1.0), (10, 1.0), (15, 0.75), (20, 0.5), (25, 0.25), (30, 0.0), (99, 0.0)])
 def test_linear_fade(step, expected):
     assert fade_scale(step, 10, 20, 0.0, "linear") == pytest.approx(expected)
 

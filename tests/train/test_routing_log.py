@@ -110,7 +110,8 @@ def test_resumed_metrics_keep_one_end_of_training_summary(tmp_path):
     from molf.train.callbacks import JsonMetricsCallback
 
     path = tmp_path / "metrics.jsonl"
-    finished = [{"step": 5, "loss": 0.5}, {"step": 6, "loss": 0.4}, {"step": 6, "train_runtime": 3.0, "train_loss": 0.6}]
+    finished = [{"step": 5, "loss": 0.5}, {"step": 6, "loss": 0.4},
+                {"step": 6, "train_runtime": 3.0, "train_loss": 0.6}]
     path.write_text("".join(json.dumps(record) + "\n" for record in finished), encoding="utf-8")
     JsonMetricsCallback(path).on_train_begin(None, SimpleNamespace(is_world_process_zero=True, global_step=6), None)
     assert [json.loads(line) for line in path.read_text().splitlines()] == finished[:2]

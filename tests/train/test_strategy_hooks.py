@@ -88,7 +88,7 @@ class RecordLrs(TrainerCallback):
     def on_step_begin(self, args, state, control, **kwargs):
         scheduled = self.trainer.lr_scheduler.get_last_lr()
         self.into.append([(g["kind"], g["lr"], lr) for g, lr in zip(self.trainer.torch_optimizer.param_groups,
-                                                                      scheduled)])
+                                                                    scheduled)])
 
 
 def test_phase_change_rebuilds_with_kinds_multipliers_and_logs(tmp_path, tokenizer):

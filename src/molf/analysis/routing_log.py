@@ -63,7 +63,8 @@ class RoutingLog:
         return [module_type(m) for m in self.modules]
 
     def to_frame(self) -> pd.DataFrame:
-        """Long DataFrame, one row per (step, module, expert): step, module, layer, module_type, expert, score, winner."""
+        """Long DataFrame, one row per (step, module, expert): step, module, layer, module_type, expert, score,
+        winner."""
         num_steps, num_modules, num_experts = self.scores.shape
         module_codes = np.tile(np.repeat(np.arange(num_modules), num_experts), num_steps)
         expert_codes = np.tile(np.arange(num_experts), num_steps * num_modules)

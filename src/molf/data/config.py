@@ -34,4 +34,5 @@ class DataConfig:
         if self.max_seq_length is not None and self.max_seq_length <= 1:
             raise ValueError(f"max_seq_length must be > 1 (or omitted), got {self.max_seq_length}")
         if self.med_answer_index_base not in (0, 1):
-            raise ValueError(f"med_answer_index_base must be 0 (HF layout) or 1 (original layout), got {self.med_answer_index_base}")
+            raise ValueError(f"med_answer_index_base must be 0 (HF layout) or 1 (original layout), "
+                             f"got {self.med_answer_index_base}")

@@ -46,7 +46,8 @@ def encode_target(tokenizer, target: str, add_eos: bool = True) -> list[int]:
     return ids
 
 
-def encode_example(tokenizer, prompt: str, target: str, max_seq_length: Optional[int]) -> Optional[dict[str, list[int]]]:
+def encode_example(tokenizer, prompt: str, target: str,
+                   max_seq_length: Optional[int]) -> Optional[dict[str, list[int]]]:
     """Tokenize one (prompt, target) pair for SFT, or return None when the target alone does not fit.
 
     Returns:

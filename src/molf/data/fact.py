@@ -67,7 +67,8 @@ def parse_easyedit(row: Row) -> FactExample:
     locality = _prompt_list(row, "locality_prompt")
     truth = row.fields.get("locality_ground_truth")
     if locality and truth is None:
-        raise MalformedRecordError(f"{row.where}: field 'locality_ground_truth' is missing but 'locality_prompt' is set")
+        raise MalformedRecordError(f"{row.where}: field 'locality_ground_truth' is missing "
+                                   "but 'locality_prompt' is set")
     return _example(_text(row, require(row, "prompt"), "prompt"), _text(row, require(row, "subject"), "subject"),
                     _text(row, require(row, "target_new"), "target_new"),
                     _text(row, require(row, "ground_truth"), "ground_truth"), _prompt_list(row, "rephrase_prompt"),
@@ -84,7 +85,8 @@ def parse_original(row: Row) -> FactExample:
     if "{}" not in template:
         raise MalformedRecordError(f"{row.where}: field 'requested_rewrite.prompt' has no '{{}}' for the subject")
     true = _text(nested, require(nested, "target_true"), "target_true")
-    return _example(template.replace("{}", subject), subject, _text(nested, require(nested, "target_new"), "target_new"),
+    return _example(template.replace("{}", subject), subject,
+                    _text(nested, require(nested, "target_new"), "target_new"),
                     true, _prompt_list(row, "paraphrase_prompts"), _prompt_list(row, "neighborhood_prompts"), true)
 
 

@@ -74,5 +74,6 @@ def parse_row(row: Row, index_base: int) -> MedExample:
 
 def parse_rows(rows: list[Row], index_base: int) -> list[MedExample]:
     if index_base not in (0, 1):
-        raise ValueError(f"med_answer_index_base must be 0 (Hugging Face layout) or 1 (original layout), got {index_base}")
+        raise ValueError(f"med_answer_index_base must be 0 (Hugging Face layout) or 1 (original layout), "
+                         f"got {index_base}")
     return [parse_row(row, index_base) for row in rows]

@@ -25,7 +25,8 @@ HUB_EVAL_SPLIT = "test"
 
 PREAMBLE_WITH_CONTEXT = ("Below is an instruction that describes a task, paired with an input that provides further "
                          "context. Write a response that appropriately completes the request.")
-PREAMBLE_WITHOUT_CONTEXT = "Below is an instruction that describes a task. Write a response that appropriately completes the request."
+PREAMBLE_WITHOUT_CONTEXT = ("Below is an instruction that describes a task. "
+                            "Write a response that appropriately completes the request.")
 INSTRUCTION = "Write a SQL query to answer the question."
 
 LAYOUT_FIELDS = {
@@ -87,7 +88,8 @@ def load_spider_schemas(tables_path: Path) -> dict[str, str]:
         raise FileNotFoundError(f"Spider rows need the schema file {tables_path}; pass --spider_tables_path")
     with tables_path.open(encoding="utf-8") as handle:
         text = handle.read()
-    tables = json.loads(text) if text.lstrip().startswith("[") else [json.loads(line) for line in text.splitlines() if line.strip()]
+    tables = (json.loads(text) if text.lstrip().startswith("[")
+              else [json.loads(line) for line in text.splitlines() if line.strip()])
     return {table["db_id"]: render_spider_schema(table) for table in tables}
 
 
@@ -99,7 +101,8 @@ def detect_layout(rows: list[Row]) -> str:
         if all(field in first.fields for field in fields):
             return layout
     known = "; ".join(f"{name}: {', '.join(fields)}" for name, fields in LAYOUT_FIELDS.items())
-    raise MalformedRecordError(f"{first.where}: unknown SQL row layout with fields {sorted(first.fields)}; expected {known}")
+    raise MalformedRecordError(f"{first.where}: unknown SQL row layout with fields {sorted(first.fields)}; "
+                               f"expected {known}")
 
 
 def _example(question: str, sql: str, context: str, db_path: Optional[Path] = None) -> SQLExample:

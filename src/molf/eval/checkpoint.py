@@ -70,7 +70,8 @@ def load_model_and_tokenizer(model_ref: str, tokenizer_ref: Optional[str], dtype
     else:
         path = Path(model_ref)
         if not path.is_dir():
-            raise FileNotFoundError(f"checkpoint directory {path} not found; pass a saved model directory or tiny-<family>")
+            raise FileNotFoundError(f"checkpoint directory {path} not found; "
+                                    "pass a saved model directory or tiny-<family>")
         if (path / "adapter_config.json").is_file():
             from peft import AutoPeftModelForCausalLM
 

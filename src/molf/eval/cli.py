@@ -36,8 +36,10 @@ class StandaloneEvalConfig(DataConfig, EvalConfig):
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m molf.eval", description=__doc__)
     parser.add_argument("--task", required=True, choices=["sql", "med", "fact"])
-    parser.add_argument("--model", required=True, help="checkpoint directory (full model or PEFT adapter) or tiny-<family>")
-    parser.add_argument("--tokenizer", help="tokenizer path (default: the checkpoint's; the vendored Qwen2.5 one for tiny-*)")
+    parser.add_argument("--model", required=True,
+                        help="checkpoint directory (full model or PEFT adapter) or tiny-<family>")
+    parser.add_argument("--tokenizer",
+                        help="tokenizer path (default: the checkpoint's; the vendored Qwen2.5 one for tiny-*)")
     parser.add_argument("--data_path", dest="eval_data_path", help="evaluation data file or directory")
     parser.add_argument("--train_data_path", dest="data_path", help="training data (fact: the rewrites to score)")
     parser.add_argument("--results_dir")

@@ -64,7 +64,8 @@ def target_logprobs(model, pairs: Sequence[Pair], batch_size: int, pad_id: int) 
 
 
 def _encode_pairs(tokenizer, prompts: Sequence[str], targets: Sequence[str], max_length) -> list[Pair]:
-    return [(encode_prompt(tokenizer, prompt, max_length), tokenizer(" " + target, add_special_tokens=False)["input_ids"])
+    return [(encode_prompt(tokenizer, prompt, max_length),
+             tokenizer(" " + target, add_special_tokens=False)["input_ids"])
             for prompt, target in zip(prompts, targets, strict=True)]
 
 
@@ -73,7 +74,8 @@ def _compare(model, tokenizer, prompts, winners, losers, batch_size, max_length)
     if not prompts:
         return torch.empty(0), torch.empty(0)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    pairs = _encode_pairs(tokenizer, prompts, winners, max_length) + _encode_pairs(tokenizer, prompts, losers, max_length)
+    pairs = (_encode_pairs(tokenizer, prompts, winners, max_length)
+             + _encode_pairs(tokenizer, prompts, losers, max_length))
     first, total = target_logprobs(model, pairs, batch_size, pad_id)
     n = len(prompts)
     return first[:n] - first[n:], total[:n] - total[n:]
@@ -93,7 +95,8 @@ def score_fact(model, tokenizer, examples: Sequence[FactExample], batch_size: in
     _, rephrase_seq = _compare(model, tokenizer, [p for p, _ in rephrase], [e.target_new for _, e in rephrase],
                                [e.target_true for _, e in rephrase], batch_size, max_length)
     locality = [(p, e) for e in examples for p in e.locality_prompts]
-    _, locality_seq = _compare(model, tokenizer, [p for p, _ in locality], [e.locality_ground_truth for _, e in locality],
+    _, locality_seq = _compare(model, tokenizer, [p for p, _ in locality],
+                               [e.locality_ground_truth for _, e in locality],
                                [e.target_new for _, e in locality], batch_size, max_length)
     model.train(was_training)
     return {

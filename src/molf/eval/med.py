@@ -19,7 +19,8 @@ def parse_answer(generated: str) -> Optional[str]:
     return match.group(1) if match else None
 
 
-def per_subject_accuracy(examples: Sequence[MedExample], predicted: Sequence[Optional[str]]) -> dict[str, dict[str, float]]:
+def per_subject_accuracy(examples: Sequence[MedExample],
+                         predicted: Sequence[Optional[str]]) -> dict[str, dict[str, float]]:
     totals: dict[str, list[int]] = defaultdict(lambda: [0, 0])
     for example, letter in zip(examples, predicted):
         if example.subject:

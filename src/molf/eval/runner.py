@@ -44,7 +44,8 @@ def _prompt_budget(tokenizer, example, max_seq_length) -> int | None:
 def _generate(model, tokenizer, cfg: Any, examples: list, max_new_tokens: int) -> list[str]:
     prompts = [encode_prompt(tokenizer, example.prompt, _prompt_budget(tokenizer, example, cfg.max_seq_length))
                for example in examples]
-    return generate_greedy(model, tokenizer, prompts, cfg.eval_batch_size, max_new_tokens, desc=f"eval {cfg.dataset_type}")
+    return generate_greedy(model, tokenizer, prompts, cfg.eval_batch_size, max_new_tokens,
+                           desc=f"eval {cfg.dataset_type}")
 
 
 def evaluate_sql(model, tokenizer, cfg: Any, seed: int = 0) -> tuple[dict[str, Any], int, dict]:

@@ -213,7 +213,8 @@ def _percent(count: int, total: int) -> float:
 
 def score_sql(examples: Sequence[SQLExample], predictions: Sequence[str], timeout_s: float) -> dict[str, Any]:
     """The four SQL metrics (in %) plus ``gold_errors`` over aligned examples and predictions."""
-    scores = [score_prediction(example, predicted, timeout_s) for example, predicted in zip(examples, predictions, strict=True)]
+    scores = [score_prediction(example, predicted, timeout_s)
+              for example, predicted in zip(examples, predictions, strict=True)]
     judged = [score.executed_match for score in scores if score.executed_match is not None]
     gold_errors = len(scores) - len(judged)
     if gold_errors:

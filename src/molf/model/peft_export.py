@@ -118,4 +118,3 @@ def save_peft_adapter(model: nn.Module, out_dir: str | Path, base_model_name_or_
     config.save_pretrained(out)
     save_file(tensors, out / ADAPTER_WEIGHTS, metadata={"format": "pt"})
     return out
-

@@ -82,7 +82,8 @@ def is_tiny_name(name: str) -> bool:
     return name.startswith(TINY_PREFIX)
 
 
-def build_tiny_model(name_or_family: str = "qwen2", seed: int = 0, dtype: torch.dtype = torch.float32, **overrides: Any):
+def build_tiny_model(name_or_family: str = "qwen2", seed: int = 0, dtype: torch.dtype = torch.float32,
+                     **overrides: Any):
     """Build a randomly initialised tiny causal LM, deterministically from ``seed``."""
     if is_tiny_name(name_or_family):
         family, parsed = parse_tiny_name(name_or_family)

@@ -93,9 +93,11 @@ class TrainConfig:
         if self.save_total_limit is not None and self.save_total_limit < 1:
             raise ValueError(f"save_total_limit must be >= 1 (or omitted to keep all), got {self.save_total_limit}")
         if self.overwrite_run_dir and self.resume_from_checkpoint:
-            raise ValueError("--overwrite_run_dir starts the run over: drop --resume_from_checkpoint (or the overwrite)")
+            raise ValueError("--overwrite_run_dir starts the run over: "
+                             "drop --resume_from_checkpoint (or the overwrite)")
         if self.routing_log_every < 0:
-            raise ValueError(f"routing_log_every must be >= 0 (0 disables the routing log), got {self.routing_log_every}")
+            raise ValueError(f"routing_log_every must be >= 0 (0 disables the routing log), "
+                             f"got {self.routing_log_every}")
         if self.dataloader_num_workers < 0:
             raise ValueError(f"dataloader_num_workers must be >= 0, got {self.dataloader_num_workers}")
         self._check_scheduler()
@@ -110,5 +112,6 @@ class TrainConfig:
         known = {s.value for s in SchedulerType}
         if self.lr_scheduler_type not in known or self.lr_scheduler_type not in SUPPORTED_SCHEDULERS:
             raise ValueError(
-                f"lr_scheduler_type {self.lr_scheduler_type!r} is not supported; choose one of {list(SUPPORTED_SCHEDULERS)}"
+                f"lr_scheduler_type {self.lr_scheduler_type!r} is not supported; "
+                f"choose one of {list(SUPPORTED_SCHEDULERS)}"
             )

@@ -44,7 +44,8 @@ def fade_scale(step: int, start_step: int, duration: int, end_scale: float, curv
 
 
 def ramp_multiplier(step: int, start_step: int, end_step: int, start_multiplier: float, end_multiplier: float) -> float:
-    """Linear ramp of an LR multiplier: ``start_multiplier`` up to ``start_step``, ``end_multiplier`` from ``end_step``."""
+    """Linear ramp of an LR multiplier: ``start_multiplier`` up to ``start_step``, ``end_multiplier`` from
+    ``end_step``."""
     if step >= end_step:
         return end_multiplier
     if step <= start_step:
