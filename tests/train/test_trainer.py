@@ -215,3 +215,20 @@ def test_nan_weights_are_caught_before_a_save_even_with_a_finite_loss(tmp_path, 
     with pytest.raises(FloatingPointError, match="1 trainable tensor\\(s\\) hold NaN/inf"):
         trainer.train()
     assert not list(cfg.run_dir.glob("checkpoint-*"))
+
+
+def test_a_zero_gradient_norm_is_warned_once(tmp_path, tokenizer, caplog):
+    from transformers import TrainerState
+
+    from molf.train.trainer import DivergenceGuard
+
+    cfg = make_cfg(tmp_path, "fft", max_steps=2, logging_steps=1)
+    trainer = train(cfg, small_model(), tokenizer)
+    logged = [entry for entry in trainer.state.log_history if "loss" in entry]
+    assert logged and all(entry["grad_norm"] > 0 for entry in logged)  # the key the guard reads
+    assert "gradient norm is exactly 0" not in caplog.text
+
+    guard, state = DivergenceGuard(trainer), TrainerState(global_step=7)
+    guard.on_log(cfg, state, None, logs={"loss": 11.93, "grad_norm": 0.0})
+    guard.on_log(cfg, state, None, logs={"loss": 11.93, "grad_norm": 0.0})
+    assert caplog.text.count("step 7: the gradient norm is exactly 0") == 1

@@ -164,15 +164,28 @@ class MoLFTrainer(Trainer):
 
 
 class DivergenceGuard(TrainerCallback):
-    """Stops training with a clear error once a loss (or, before a save, a trainable weight) is NaN/inf."""
+    """Stops training with a clear error once a loss (or, before a save, a trainable weight) is NaN/inf,
+    and warns (once) when a logged gradient norm is exactly zero: no trainable parameter got any
+    gradient, which is what a run that blew up to huge but finite weights looks like (saturated
+    activations, a loss stuck near ln(vocab))."""
 
     def __init__(self, trainer: MoLFTrainer) -> None:
         self.trainer = trainer
+        self.warned_zero_grad = False
 
     def on_step_end(self, args, state, control, **kwargs):
         # Runs after the Trainer's flow callback has decided whether this step logs and saves.
         if control.should_log or control.should_save:
             self.trainer.check_finite(state.global_step, weights=control.should_save)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        grad_norm = (logs or {}).get("grad_norm")
+        if grad_norm is not None and float(grad_norm) == 0.0 and not self.warned_zero_grad:
+            self.warned_zero_grad = True
+            logger.warning("step %d: the gradient norm is exactly 0, so nothing is learning any more; the model "
+                           "has probably saturated (a learning rate far too high makes the weights huge but "
+                           "finite). Check the loss curve and lower --learning_rate / --lora_learning_rate",
+                           state.global_step)
 
 
 class StrategyCallback(TrainerCallback):
