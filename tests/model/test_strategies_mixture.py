@@ -175,7 +175,7 @@ def _router_grads(checkpointing: bool) -> dict:
                                                        router_z_loss_coef=1.0, router_aux_loss_coef=1.0),
                              "mixture_lora")
     if checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     model.train()
     ids = torch.randint(0, 128, (2, 10), generator=torch.Generator().manual_seed(0))
     mask = torch.ones_like(ids)
