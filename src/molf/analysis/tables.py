@@ -19,7 +19,7 @@ import pandas as pd
 
 from molf.eval.results import TASK_METRICS
 
-PRIMARY_METRICS = {"sql": "execution_accuracy", "med": "accuracy", "fact": "efficacy_first_token"}
+PRIMARY_METRICS = {task: names[0] for task, names in TASK_METRICS.items()}  # what a task's rows are ranked by
 METHODS = {"fft": "FFT", "lora": "LoRA", "molf": "MoLF", "molf_e": "MoLF-E"}
 TASK_ORDER = ["sql", "med", "fact"]
 
@@ -104,14 +104,18 @@ def latest_evaluations(results: pd.DataFrame) -> pd.DataFrame:
     if "run_name" not in results.columns:
         return results
     named = ~_blank(results["run_name"])
-    if "timestamp_utc" in results.columns:
-        time = pd.to_datetime(results["timestamp_utc"], utc=True, errors="coerce", format="ISO8601")
-    else:
-        time = pd.Series(pd.NaT, index=results.index, dtype="datetime64[ns, UTC]")
+    time = _timestamps(results)
     # A stable sort keeps the file order among equal (or missing, sorted first) timestamps.
     by_time = results.assign(_time=time)[named].sort_values("_time", kind="stable", na_position="first")
     latest = by_time.drop_duplicates(["task", "run_name"], keep="last").index
     return results[~named | results.index.isin(latest)]
+
+
+def _timestamps(results: pd.DataFrame) -> pd.Series:
+    """The rows' ``timestamp_utc`` as UTC datetimes; NaT where it is missing or unreadable."""
+    if "timestamp_utc" not in results.columns:
+        return pd.Series(pd.NaT, index=results.index, dtype="datetime64[ns, UTC]")
+    return pd.to_datetime(results["timestamp_utc"], utc=True, errors="coerce", format="ISO8601")
 
 
 def _is_blank(value) -> bool:
@@ -197,10 +201,7 @@ def configurations(results: pd.DataFrame) -> pd.DataFrame:
     # dropna=False: an empty hyperparameter (a mode that does not use it) is a value like any other.
     codes = frame.groupby(columns, dropna=False, sort=False).ngroup() if columns else \
         pd.Series(0, index=frame.index)  # numbered in order of first appearance
-    if "timestamp_utc" in frame.columns:
-        time = pd.to_datetime(frame["timestamp_utc"], utc=True, errors="coerce", format="ISO8601")
-    else:
-        time = pd.Series(pd.NaT, index=frame.index, dtype="datetime64[ns, UTC]")
+    time = _timestamps(frame)
     metric = frame["metric"].groupby(codes)  # groups 0, 1, ...: the order of ``first``'s rows
     first = frame.loc[~codes.duplicated(), columns + ["metric_name"]].reset_index(drop=True)
     return first.assign(metric=metric.mean(), metric_std=metric.std(ddof=1), num_runs=metric.size(),
@@ -212,6 +213,7 @@ def best_per_cell(results: pd.DataFrame) -> pd.DataFrame:
     runs (on ties the one whose first run is the earliest), as ``configurations`` gives it, with
     ``hparams`` (the text under its value in Table 1)."""
     configs = configurations(results)
+    # pandas applies ``kind`` to one-column sorts only: the explicit position keeps ties in first-appearance order.
     configs["_order"] = range(len(configs))
     order = configs.sort_values(["metric", "first_run", "_order"], ascending=[False, True, True], kind="stable",
                                 na_position="last")
