@@ -158,4 +158,28 @@ def test_med_eval_prompt_is_the_training_prompt_under_max_seq_length(tokenizer):
     limit = len(tokenizer(example.prompt, add_special_tokens=False)["input_ids"]) - 5  # forces a cut
     trained = encode_example(tokenizer, example.prompt, example.target, limit)
     prompt_in_training = [t for t, label in zip(trained["input_ids"], trained["labels"]) if label == IGNORE_INDEX]
-    assert encode_prompt(tokenizer, example.prompt, _prompt_budget(tokenizer, example, limit)) == prompt_in_training
+    budget = _prompt_budget(tokenizer, example, limit, beside_target=True)
+    assert encode_prompt(tokenizer, example.prompt, budget) == prompt_in_training
+
+
+def test_med_evaluation_generates_from_the_training_prompts(tokenizer, monkeypatch):
+    from molf.data.encoding import IGNORE_INDEX, encode_example
+    from molf.eval import runner
+
+    limit = 40  # cuts the fixture's longer prompts
+    cfg = StandaloneEvalConfig(dataset_type="med", eval_data_path=str(FIXTURES / "med" / "validation.jsonl"),
+                               max_seq_length=limit)
+    seen = []
+
+    def fake_generate(model, tokenizer, prompts, *args, **kwargs):
+        seen.extend(prompts)
+        return ["A"] * len(prompts)
+
+    monkeypatch.setattr(runner, "generate_greedy", fake_generate)
+    runner.evaluate_medmcqa(None, tokenizer, cfg)
+    examples = runner.load_examples(cfg, "eval")
+    trained = [encode_example(tokenizer, e.prompt, e.target, limit) for e in examples]
+    expected = [[t for t, label in zip(row["input_ids"], row["labels"]) if label == IGNORE_INDEX] for row in trained]
+    assert seen == expected
+    assert any(len(prompt) < len(tokenizer(e.prompt, add_special_tokens=False)["input_ids"])
+               for prompt, e in zip(seen, examples))  # the limit did cut some prompts

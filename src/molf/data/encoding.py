@@ -46,6 +46,13 @@ def encode_target(tokenizer, target: str, add_eos: bool = True) -> list[int]:
     return ids
 
 
+def prompt_budget(max_seq_length: Optional[int], target_ids: list[int]) -> Optional[int]:
+    """Tokens ``max_seq_length`` leaves for the prompt beside the whole target (None: no limit; below 1
+    when the target alone does not fit). Training cuts its prompts to it, and so does an evaluation that
+    must see the training prompt."""
+    return None if max_seq_length is None else max_seq_length - len(target_ids)
+
+
 def encode_example(tokenizer, prompt: str, target: str,
                    max_seq_length: Optional[int]) -> Optional[dict[str, list[int]]]:
     """Tokenize one (prompt, target) pair for SFT, or return None when the target alone does not fit.
@@ -55,10 +62,10 @@ def encode_example(tokenizer, prompt: str, target: str,
         ``max_seq_length`` leaves no room for at least one prompt token next to the whole target.
     """
     target_ids = encode_target(tokenizer, target)
-    prompt_budget = None if max_seq_length is None else max_seq_length - len(target_ids)
-    if prompt_budget is not None and prompt_budget < 1:
+    budget = prompt_budget(max_seq_length, target_ids)
+    if budget is not None and budget < 1:
         return None
-    prompt_ids = encode_prompt(tokenizer, prompt, prompt_budget)
+    prompt_ids = encode_prompt(tokenizer, prompt, budget)
     input_ids = prompt_ids + target_ids
     return {
         "input_ids": input_ids,

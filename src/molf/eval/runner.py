@@ -10,9 +10,8 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from molf.data import load_examples
-from molf.data.encoding import encode_prompt, encode_target
+from molf.data.encoding import encode_prompt, encode_target, prompt_budget
 from molf.data.io import seeded_subset
-from molf.data.med import MedExample
 from molf.eval.fact import score_fact
 from molf.eval.generation import generate_greedy
 from molf.eval.med import score_med
@@ -33,16 +32,18 @@ def _eval_examples(cfg: Any, seed: int) -> list:
     return examples[:cfg.num_eval_samples] if cfg.num_eval_samples else examples
 
 
-def _prompt_budget(tokenizer, example, max_seq_length) -> int | None:
-    """Tokens left for the prompt: ``max_seq_length`` for SQL; for Med, what training leaves it next to
-    the answer (" X" + EOS), so the eval prompt is exactly the training prompt."""
-    if max_seq_length is None or not isinstance(example, MedExample):
+def _prompt_budget(tokenizer, example, max_seq_length, beside_target: bool) -> int | None:
+    """Tokens left for the prompt: ``max_seq_length``, or with ``beside_target`` what training leaves it
+    next to the example's target (Med: " X" + EOS), so that the eval prompt is exactly the training prompt."""
+    if max_seq_length is None or not beside_target:
         return max_seq_length
-    return max(max_seq_length - len(encode_target(tokenizer, example.target)), 1)
+    return max(prompt_budget(max_seq_length, encode_target(tokenizer, example.target)), 1)
 
 
-def _generate(model, tokenizer, cfg: Any, examples: list, max_new_tokens: int) -> list[str]:
-    prompts = [encode_prompt(tokenizer, example.prompt, _prompt_budget(tokenizer, example, cfg.max_seq_length))
+def _generate(model, tokenizer, cfg: Any, examples: list, max_new_tokens: int,
+              beside_target: bool = False) -> list[str]:
+    prompts = [encode_prompt(tokenizer, example.prompt,
+                             _prompt_budget(tokenizer, example, cfg.max_seq_length, beside_target))
                for example in examples]
     return generate_greedy(model, tokenizer, prompts, cfg.eval_batch_size, max_new_tokens,
                            desc=f"eval {cfg.dataset_type}")
@@ -57,7 +58,8 @@ def evaluate_sql(model, tokenizer, cfg: Any, seed: int = 0) -> tuple[dict[str, A
 
 def evaluate_medmcqa(model, tokenizer, cfg: Any, seed: int = 0) -> tuple[dict[str, Any], int, dict]:
     examples = _eval_examples(cfg, seed)
-    generations = _generate(model, tokenizer, cfg, examples, min(cfg.max_new_tokens, MED_MAX_NEW_TOKENS))
+    generations = _generate(model, tokenizer, cfg, examples, min(cfg.max_new_tokens, MED_MAX_NEW_TOKENS),
+                            beside_target=True)
     metrics, details = score_med(examples, generations)
     return metrics, len(examples), details
 
