@@ -26,8 +26,8 @@ def say(*args) -> None:
 
 def check_local_paths(cfg: TrainingConfig) -> None:
     """Fail before any model is loaded when a local data path is missing (or is a directory without the
-    split's file), the evaluation has no data to score on, or the run directory holds an earlier run
-    that this one would overwrite."""
+    split's file), the evaluation has no data to score on or a results CSV its row cannot be appended
+    to, or the run directory holds an earlier run that this one would overwrite."""
     from molf.data.io import resolve_split_file
 
     for flag in ("model_name_or_path", "tokenizer_name_or_path"):  # a path, not a hub id, that is not there
@@ -43,10 +43,12 @@ def check_local_paths(cfg: TrainingConfig) -> None:
         resolve_split_file(Path(cfg.data_path), "train")
     if cfg.do_eval:
         from molf.data.builder import eval_source
+        from molf.eval.results import check_task_file
 
         path, split = eval_source(cfg)
         if path is not None:
             resolve_split_file(Path(path), split)
+        check_task_file(cfg.results_dir, cfg.dataset_type)  # a results CSV the row could not be appended to
     if not (cfg.validate_only or cfg.preflight or cfg.only_eval):
         from molf.train.build import outputs_to_clear
 

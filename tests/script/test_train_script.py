@@ -136,6 +136,17 @@ def test_a_data_directory_without_the_split_file_is_refused_before_loading(tmp_p
     assert f"no train file in directory {empty}" in capsys.readouterr().err
 
 
+def test_a_results_csv_with_other_columns_is_refused_before_training(tmp_path, capsys, monkeypatch):
+    script = load_script("train")
+    monkeypatch.setattr(script, "train", lambda cfg: pytest.fail("train() ran despite an unusable results CSV"))
+    (tmp_path / "results").mkdir()
+    (tmp_path / "results" / "med.csv").write_text("run_name,accuracy\nold,1.0\n")
+    assert script.main(flags(tmp_path)) == 2
+    assert "med.csv has columns ['run_name', 'accuracy'], not this task's schema" in capsys.readouterr().err
+    assert (tmp_path / "results" / "med.csv").read_text() == "run_name,accuracy\nold,1.0\n"
+    assert script.main(flags(tmp_path, "--do_eval", "False", "--validate_only", "True")) == 0  # no row, no check
+
+
 @pytest.mark.integration
 def test_a_malformed_record_found_while_training_is_a_one_line_error(tmp_path, capsys):
     import shutil
