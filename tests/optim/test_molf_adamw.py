@@ -354,6 +354,11 @@ def test_an_expert_with_a_gradient_on_only_some_tensors_is_not_scored(path):
     row, lora = optimizer.module_names.index(name), optimizer.expert_names.index("lora0_r4")
     assert optimizer.last_routing.scores[row, lora] == float("-inf")
     assert not bool(optimizer.last_routing.winners[row, lora])
+    optimizer.zero_grad()
+    ids = _batch(1)
+    model(ids, labels=ids).loss.backward()  # a full gradient again: the expert is scored again
+    optimizer.step()
+    assert torch.isfinite(optimizer.last_routing.scores[row, lora])
 
 
 def test_a_frozen_expert_parameter_is_named():

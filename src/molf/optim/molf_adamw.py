@@ -210,7 +210,9 @@ class MoLFAdamW(Optimizer):
         self._experts = _ExpertIndex(pairs)
         self._expert_groups = self._check_expert_groups()
         self._bucket_cache: dict[tuple, list[_Bucket]] = {}
-        self._device_consts: dict[torch.device, tuple[Tensor, Tensor, dict[int, Tensor]]] = {}
+        self._device_consts: dict[torch.device, tuple[Tensor, dict[int, Tensor]]] = {}
+        # ids of a step's expert buckets -> the (M, E) experts to score, on the device (see ``_live``).
+        self._live_cache: dict[tuple[int, ...], Tensor] = {}
         self.last_routing: RoutingDecision | None = None
         self.nonfinite_resets = 0
 
@@ -326,6 +328,7 @@ class MoLFAdamW(Optimizer):
         """Load a state saved by ``state_dict()`` (e.g. from an HF Trainer checkpoint), of either path."""
         super().load_state_dict(state_dict)
         self._bucket_cache.clear()  # the cached buckets hold the replaced state tensors
+        self._live_cache.clear()  # keyed by those buckets
 
     # ---- the step ----
 
@@ -364,18 +367,14 @@ class MoLFAdamW(Optimizer):
 
     # ---- scores and selection ----
 
-    def _consts(self, device: torch.device) -> tuple[Tensor, Tensor, Tensor, dict[int, Tensor]]:
-        """``numel``, ``valid`` and the number of tensors of each expert ``(M, E)``, and a 0/1 mask per
-        param group, cached per device."""
+    def _consts(self, device: torch.device) -> tuple[Tensor, dict[int, Tensor]]:
+        """``numel`` of each expert ``(M, E)`` and a 0/1 mask per param group, cached per device."""
         if device not in self._device_consts:
             shape = (self._experts.num_modules, self._experts.num_experts)
             masks = {int(g): torch.as_tensor((self._expert_groups == g).reshape(shape), dtype=torch.float32,
                                              device=device)
                      for g in np.unique(self._expert_groups) if g >= 0}
-            self._device_consts[device] = (torch.as_tensor(self._experts.numel.view(shape), device=device),
-                                           torch.as_tensor(self._experts.valid.view(shape), device=device),
-                                           torch.as_tensor(self._experts.num_tensors.reshape(shape),
-                                                           dtype=torch.float32, device=device), masks)
+            self._device_consts[device] = (torch.as_tensor(self._experts.numel.view(shape), device=device), masks)
         return self._device_consts[device]
 
     def _tensor_sums(self, b: _Bucket) -> Tensor:
@@ -419,21 +418,17 @@ class MoLFAdamW(Optimizer):
             ``(M * E,)`` host bool arrays: the winners and the experts with a non-finite score.
         """
         device = buckets[0].params[0].device
-        numel, valid, tensors, group_masks = self._consts(device)
+        numel, group_masks = self._consts(device)
         sums = torch.zeros(numel.numel(), device=device)  # (M * E,)
-        graded = torch.zeros(numel.numel(), device=device)  # (M * E,) tensors with a gradient now
         for b in buckets:
             tensor_sums = self._tensor_sums(b)  # (P,)
             if tensor_sums.device != device:  # a model spread over devices: gather the sums on the first
                 tensor_sums = tensor_sums.to(device, non_blocking=True)
             cells = b.cell_index_on(device)
             sums.index_add_(0, cells, tensor_sums)
-            graded.index_add_(0, cells, torch.ones_like(tensor_sums))
         lr = sum(mask * self.param_groups[g]["lr"] for g, mask in group_masks.items())  # (M, E)
         scores = self.score_fn.combine(sums.view(numel.shape), numel, lr)
-        # Padding and experts without a gradient on every tensor this step (a module the forward did not
-        # use) are not scored: a partial sum over N_e elements would understate the score.
-        live = valid & (graded.view(numel.shape) == tensors)
+        live = self._live(buckets, device)
         scores = torch.where(live, scores, torch.full_like(scores, float("-inf")))  # (M, E)
         winners = select_topk(scores, self.topk)
         self.last_routing = RoutingDecision(scores, winners, self.module_names, self.expert_names,
@@ -441,6 +436,21 @@ class MoLFAdamW(Optimizer):
         # The one host-device sync of the step: winners and non-finite flags travel together.
         host = torch.stack([winners, live & ~torch.isfinite(scores)]).cpu().numpy().reshape(2, -1)
         return host[0], host[1]
+
+    def _live(self, buckets: list[_Bucket], device: torch.device) -> Tensor:
+        """``(M, E)`` bool: the experts to score this step. Padding cells and experts without a gradient on
+        every tensor (a module the forward did not use) are not scored: a partial sum over N_e elements
+        would understate the score. Which tensors have a gradient is the buckets' ``cells`` (host), so the
+        mask is built on the host once per set of buckets and cached on the device."""
+        key = tuple(map(id, buckets))  # the buckets live in _bucket_cache, so their ids are not reused
+        if key not in self._live_cache:
+            experts = self._experts
+            graded = np.bincount(np.concatenate([b.cells for b in buckets]),
+                                 minlength=experts.num_modules * experts.num_experts)
+            live = experts.valid.numpy() & (graded == experts.num_tensors)
+            self._live_cache[key] = torch.as_tensor(live.reshape(experts.num_modules, experts.num_experts),
+                                                    device=device)
+        return self._live_cache[key]
 
     def _reset_nonfinite(self, buckets: list[_Bucket], bad: np.ndarray) -> None:
         """Zero the moments and step of experts whose score is non-finite (see the class docstring)."""
