@@ -141,8 +141,9 @@ class StrategyRuntime:
     def set_token_mask(self, attention_mask: Optional[torch.Tensor]) -> None:
         """Make the router losses of this batch's forward (and of its recomputation under gradient
         checkpointing) skip padding: ``attention_mask`` (B, S) of the batch, or None to count every token."""
+        mask = None if attention_mask is None else attention_mask.reshape(-1).float()  # (T,), once per batch
         for r in self.routers:
-            r.token_mask = attention_mask
+            r.token_mask = mask
 
     def extra_loss(self, model: nn.Module) -> tuple[Optional[torch.Tensor], dict[str, torch.Tensor]]:
         """Weighted router losses of the latest training forward, averaged over routers.
