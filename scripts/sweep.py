@@ -56,7 +56,6 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--keep_going", action="store_true", help="--run: continue after a failed job")
     parser.add_argument("--launcher", choices=["python", "torchrun"], default="python")
     parser.add_argument("--nproc", type=int, default=1, help="GPUs per job with --launcher torchrun")
-    parser.add_argument("--port", type=int, default=29500, help="--print: the torchrun --master_port shown")
     parser.add_argument("--ckpt_dir_root", default="ckpts")
     parser.add_argument("--log_dir_root", default="logs")
     parser.add_argument("--results_dir", default="results")
@@ -103,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
     elif args.print:
         job = jobs[0]
         print(f"{job.grid} #{job.index}: " + " ".join(f"{k}={v}" for k, v in job.flags.items()))
-        print(shlex.join(launch_command(train_args(job, paths, extra), args.launcher, args.nproc, port=args.port)))
+        print(shlex.join(launch_command(train_args(job, paths, extra), args.launcher, args.nproc)))
     elif args.print_args:
         print("\n".join(train_args(jobs[0], paths, extra)))
     elif args.is_done:

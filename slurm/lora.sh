@@ -64,17 +64,8 @@ SWEEP=(python scripts/sweep.py --grid "$GRID" --index "$INDEX"
        --ckpt_dir_root "$CKPT_ROOT" --log_dir_root "$LOG_ROOT" --results_dir "$RESULTS_DIR")
 
 echo "grid $GRID, index $INDEX of $NUM_JOBS, host $(hostname), $(date -u +%FT%TZ)"
-if "${SWEEP[@]}" --is_done; then
-    echo "a result row for this run already exists in $RESULTS_DIR; nothing to do"
-    exit 0
-fi
-mapfile -t ARGS < <("${SWEEP[@]}" --print_args)
-if [[ ${#ARGS[@]} -eq 0 ]]; then
-    echo "scripts/sweep.py printed no arguments for index $INDEX" >&2
-    exit 1
-fi
-# A port picked at random per job, so array jobs sharing a node do not collide.
-PORT="$(python -c 'import socket; s = socket.socket(); s.bind(("", 0)); print(s.getsockname()[1]); s.close()')"
-# train.py writes into its own run directory under CKPT_ROOT and appends to RESULTS_DIR/<task>.csv.
-"${SWEEP[@]}" --print --launcher torchrun --nproc "$NUM_GPUS" --port "$PORT"  # the config and this command
-torchrun --nnodes 1 --nproc_per_node "$NUM_GPUS" --master_port "$PORT" src/script/train.py "${ARGS[@]}"
+# Exits at once when the run's result row already exists (so resubmitting resumes). Otherwise it prints
+# the torchrun command it runs, with a port free on this node (array jobs sharing a node must not
+# collide), and runs it: train.py writes into its own run directory under CKPT_ROOT and appends to
+# RESULTS_DIR/<task>.csv. Its exit status is the job's.
+exec "${SWEEP[@]}" --run --launcher torchrun --nproc "$NUM_GPUS"

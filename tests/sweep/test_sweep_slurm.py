@@ -79,8 +79,9 @@ def test_job_mode_runs_torchrun_with_the_index_config(tmp_path):
     job = grid_jobs("molf_e")[7]
     assert "molf_e #7: " in result.stdout
     args = (tmp_path / "torchrun.args").read_text().splitlines()
-    assert args[:3] == ["--nnodes", "1", "--nproc_per_node"]
-    port = int(args[args.index("--master_port") + 1])
+    assert args[:3] == ["--nnodes", "1", "--nproc_per_node=1"]
+    assert args[3].startswith("--master_port=")
+    port = int(args[3].split("=", 1)[1])
     assert 0 < port < 65536
     # The job prints the command it runs: torchrun with the job's port, not a python stand-in.
     assert f"torchrun --nnodes 1 --nproc_per_node=1 --master_port={port} src/script/train.py" in result.stdout
@@ -104,7 +105,7 @@ def test_job_mode_skips_a_finished_run_from_a_spool_copy(tmp_path):
     del env["REPO_DIR"]
     result = subprocess.run(["bash", str(spool_copy)], env=env, capture_output=True, text=True, cwd=tmp_path)
     assert result.returncode == 0, result.stderr
-    assert "already exists" in result.stdout
+    assert "result row exists, skipping" in result.stdout
     assert not (tmp_path / "torchrun.args").exists()
 
 
