@@ -68,9 +68,8 @@ class _ExpertIndex:
         self.cell_of: dict[int, int] = {}  # id(param) -> m * E + e
         self.numel = torch.ones(self.num_modules * self.num_experts)
         self.valid = torch.zeros(self.num_modules * self.num_experts, dtype=torch.bool)
-        self._members: dict[int, list[tuple[str, Tensor]]] = {}  # cell -> (qualified name, param), for errors
+        self._modules = list(modules)  # for the names in error messages (``params_of``)
         for m_idx, (module_name, module) in enumerate(modules):
-            local_names = {id(p): n for n, p in module.named_parameters()}
             for e_idx, params in enumerate(module.expert_params()):
                 cell = m_idx * self.num_experts + e_idx
                 self.numel[cell] = float(sum(p.numel() for p in params))
@@ -81,13 +80,15 @@ class _ExpertIndex:
                         raise ValueError(f"{module_name} and {other} share an expert parameter (a tied weight); "
                                          "each expert must be its own: leave one of the modules unwrapped")
                     self.cell_of[id(p)] = cell
-                self._members[cell] = [(f"{module_name}.{local_names.get(id(p), '?')}", p) for p in params]
         # (M * E,) how many tensors each expert has (0 for padding cells).
         self.num_tensors = np.bincount(list(self.cell_of.values()), minlength=self.num_modules * self.num_experts)
 
     def params_of(self, cell: int) -> list[tuple[str, Tensor]]:
         """``(qualified name, parameter)`` of every tensor of the expert in ``cell``."""
-        return self._members[cell]
+        module_name, module = self._modules[cell // self.num_experts]
+        local_names = {id(p): n for n, p in module.named_parameters()}
+        return [(f"{module_name}.{local_names.get(id(p), '?')}", p)
+                for p in module.expert_params()[cell % self.num_experts]]
 
 
 @dataclass
