@@ -12,6 +12,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from molf._pipes import run_cli
 from molf.analysis.tables import (
     PRIMARY_METRICS,
     frame_latex,
@@ -55,20 +56,21 @@ def main(argv: list[str] | None = None) -> None:
         "runs.md": frame_markdown(runs, args.digits),
         "runs.tex": frame_latex(runs, args.digits),
     }
+    if args.out_dir:  # written before anything is printed, so a closed stdout pipe cannot cut it short
+        out_dir = Path(args.out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        for name, text in outputs.items():
+            (out_dir / name).write_text(text, encoding="utf-8")
     suffixes = {"markdown": (".md",), "latex": (".tex",), "both": (".md", ".tex")}[args.format]
     for name, text in outputs.items():
         if name.endswith(suffixes):
             print(f"## {name}\n\n{text}")
     if args.out_dir:
-        out_dir = Path(args.out_dir)
-        out_dir.mkdir(parents=True, exist_ok=True)
-        for name, text in outputs.items():
-            (out_dir / name).write_text(text, encoding="utf-8")
         print("wrote " + ", ".join(str(out_dir / name) for name in outputs))
 
 
 if __name__ == "__main__":
     try:
-        main()
+        sys.exit(run_cli(main))
     except (ValueError, FileNotFoundError) as err:
         sys.exit(f"error: {err}")

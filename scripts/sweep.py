@@ -19,6 +19,7 @@ import shlex
 import sys
 from pathlib import Path
 
+from molf._pipes import run_cli
 from molf.sweep.grid import GRID_NAMES, Job, grid_jobs
 from molf.sweep.runner import (
     RunPaths,
@@ -116,4 +117,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_cli(main))

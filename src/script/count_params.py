@@ -11,6 +11,7 @@ from __future__ import annotations
 import sys
 from typing import Optional, Sequence
 
+from molf._pipes import run_cli
 from molf.config import parse_config
 
 
@@ -36,4 +37,4 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_cli(main))

@@ -1,0 +1,27 @@
+"""Commands whose output is piped into ``head`` or ``less``.
+
+Python ignores ``SIGPIPE``, so ``python scripts/sweep.py --grid molf --list | head`` used to end in a
+``BrokenPipeError`` traceback once ``head`` had read its lines. ``run_cli`` runs a command's ``main``
+and ends it quietly instead, as ``ls`` or ``grep`` end. It is called from the scripts' ``__main__``
+blocks only, so tests that call ``main`` in-process see the exception as it is.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Callable, Optional
+
+
+def run_cli(main: Callable[[], Optional[int]]) -> int:
+    """Call ``main()`` and return its exit status (None counts as 0). When the reader of stdout has
+    gone away, stdout is pointed at the null device (so the interpreter's last flush cannot raise
+    again) and the status is 1: the output was cut short, but there is no traceback."""
+    try:
+        status = main()
+        sys.stdout.flush()  # a closed pipe can first show at this flush
+    except BrokenPipeError:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 1
+    return status or 0
