@@ -5,7 +5,9 @@ Same flags as ``python -m molf.eval``; see the README section "Benchmarks: data 
     python scripts/eval_checkpoint.py --task med --model ckpts/<run_name>/final
 """
 
-from molf.eval.cli import main
+import sys
+
+from molf.eval.cli import cli
 
 if __name__ == "__main__":
-    main()
+    sys.exit(cli())

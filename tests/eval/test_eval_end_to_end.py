@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import re
 from pathlib import Path
 
 import pytest
@@ -14,7 +15,8 @@ from torch.utils.data import DataLoader
 from molf.data import SFTCollator, build_train_dataset
 from molf.data.config import DataConfig
 from molf.eval import evaluate_task
-from molf.eval.cli import StandaloneEvalConfig, main
+from molf.eval import cli as eval_cli
+from molf.eval.cli import StandaloneEvalConfig, cli, main
 from molf.eval.results import EVALUATOR_COLUMNS, RUN_COLUMNS, TASK_METRICS
 from molf.model.tiny import build_tiny_model
 
@@ -183,3 +185,37 @@ def test_med_evaluation_generates_from_the_training_prompts(tokenizer, monkeypat
     assert seen == expected
     assert any(len(prompt) < len(tokenizer(e.prompt, add_special_tokens=False)["input_ids"])
                for prompt, e in zip(seen, examples))  # the limit did cut some prompts
+
+
+@pytest.mark.parametrize("case", ["checkpoint", "data_path", "results_csv"])
+def test_cli_bad_path_is_one_error_line_before_loading(case, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(eval_cli, "load_model_and_tokenizer", lambda *a, **k: pytest.fail("loaded before the check"))
+    args = {"--task": "med", "--model": "tiny-qwen2", "--data_path": str(FIXTURES / "med" / "validation.jsonl"),
+            "--results_dir": str(tmp_path)}
+    expected = {"checkpoint": "checkpoint directory .*missing_run not found",
+                "data_path": "data path .*no_such_file.jsonl does not exist",
+                "results_csv": "not this task's schema"}[case]
+    if case == "checkpoint":
+        args["--model"] = str(tmp_path / "missing_run")
+    elif case == "data_path":
+        args["--data_path"] = str(tmp_path / "no_such_file.jsonl")
+    else:
+        (tmp_path / "med.csv").write_text("run_name,accuracy\nold,50\n")
+    assert cli([item for pair in args.items() for item in pair]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err
+    assert re.search(expected, err)
+    if case == "results_csv":
+        assert (tmp_path / "med.csv").read_text() == "run_name,accuracy\nold,50\n"
+
+
+def test_cli_malformed_record_exits_1_and_appends_no_row(tmp_path, capsys, monkeypatch):
+    bad = tmp_path / "validation.jsonl"
+    bad.write_text((FIXTURES / "med" / "validation.jsonl").read_text().splitlines()[0] + "\n{not json\n")
+    argv = ["--task", "med", "--model", "tiny-qwen2", "--data_path", str(bad), "--results_dir", str(tmp_path / "r")]
+    assert cli(argv) == 1
+    assert re.search(r"error: .*validation.jsonl:2: not valid JSON", capsys.readouterr().err)
+    assert not (tmp_path / "r" / "med.csv").exists()
+    monkeypatch.setenv("MOLF_TRACEBACK", "1")  # the traceback instead of the line
+    with pytest.raises(ValueError, match="not valid JSON"):
+        cli(argv)

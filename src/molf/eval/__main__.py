@@ -1,6 +1,8 @@
 """``python -m molf.eval --task {sql,med,fact} --model PATH``: evaluate a checkpoint, append its row."""
 
-from molf.eval.cli import main
+import sys
+
+from molf.eval.cli import cli
 
 if __name__ == "__main__":
-    main()
+    sys.exit(cli())

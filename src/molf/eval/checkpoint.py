@@ -58,6 +58,18 @@ def run_info_for(model_ref: str, task: str, training_config=None) -> dict[str, A
     return fallback_run_info(Path(model_ref), task)
 
 
+def check_checkpoint(model_ref: str) -> Path:
+    """The checkpoint directory ``model_ref`` names (not a ``tiny-*`` name).
+
+    Raises:
+        FileNotFoundError: there is no such directory.
+    """
+    path = Path(model_ref)
+    if not path.is_dir():
+        raise FileNotFoundError(f"checkpoint directory {path} not found; pass a saved model directory or tiny-<family>")
+    return path
+
+
 def load_model_and_tokenizer(model_ref: str, tokenizer_ref: Optional[str], dtype: torch.dtype, device: str):
     """A causal LM (a full checkpoint, a PEFT adapter directory, or a ``tiny-*`` name) and its tokenizer."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -68,10 +80,7 @@ def load_model_and_tokenizer(model_ref: str, tokenizer_ref: Optional[str], dtype
         model = build_tiny_model(model_ref, dtype=dtype)
         tokenizer_ref = tokenizer_ref or str(VENDORED_TOKENIZER)
     else:
-        path = Path(model_ref)
-        if not path.is_dir():
-            raise FileNotFoundError(f"checkpoint directory {path} not found; "
-                                    "pass a saved model directory or tiny-<family>")
+        path = check_checkpoint(model_ref)
         if (path / "adapter_config.json").is_file():
             from peft import AutoPeftModelForCausalLM
 

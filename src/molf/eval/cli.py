@@ -6,6 +6,8 @@ import argparse
 import copy
 import json
 import logging
+import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
@@ -13,10 +15,18 @@ from typing import Optional, Sequence
 import torch
 
 from molf.data.config import DataConfig
-from molf.eval.checkpoint import find_resolved_config, load_model_and_tokenizer, load_training_config, run_info_for
+from molf.eval.checkpoint import (
+    check_checkpoint,
+    find_resolved_config,
+    load_model_and_tokenizer,
+    load_training_config,
+    run_info_for,
+)
 from molf.eval.config import EvalConfig
 from molf.eval.runner import evaluate_task
 
+# Errors that mean bad input (a flag value, a path, a record), printed as one line by ``cli``.
+USER_ERRORS = (ValueError, FileNotFoundError)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # CLI flags copied onto the config when given (None means "keep the run's value or the default").
 OVERRIDES = ("data_path", "eval_data_path", "num_train_samples", "max_seq_length", "med_answer_index_base",
@@ -76,10 +86,55 @@ def build_config(args: argparse.Namespace):
     return cfg, training_config
 
 
+def check_inputs(args: argparse.Namespace, cfg) -> None:
+    """Fail before any model is loaded when the checkpoint directory or the evaluation data is not
+    there, or the results CSV has a header its row cannot be appended under."""
+    from molf.data.builder import eval_source
+    from molf.data.io import resolve_split_file
+    from molf.eval.results import check_task_file
+    from molf.model.tiny import is_tiny_name
+
+    if not is_tiny_name(args.model):
+        check_checkpoint(args.model)
+    path, split = eval_source(cfg)
+    if path is not None:
+        resolve_split_file(Path(path), split)
+    check_task_file(cfg.results_dir, args.task)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> dict:
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    """Evaluate, append the row, print and return the metrics; errors propagate (see ``cli``)."""
     args = parse_args(argv)
-    cfg, training_config = build_config(args)
+    return _evaluate(args, *build_config(args))
+
+
+def cli(argv: Optional[Sequence[str]] = None) -> int:
+    """``main`` for the command line: a bad flag value, a missing checkpoint or data path or a results CSV
+    with another header prints one ``error:`` line and exits 2 before anything is loaded; a malformed
+    record (found while reading the data) exits 1.
+    ``MOLF_TRACEBACK=1`` shows the traceback instead (as for ``src/script/train.py``)."""
+    args = parse_args(argv)  # argparse exits 2 on an unknown flag or a bad choice
+    try:
+        cfg, training_config = build_config(args)
+        check_inputs(args, cfg)
+    except USER_ERRORS as err:
+        return _report(err, 2)
+    try:
+        _evaluate(args, cfg, training_config)
+    except USER_ERRORS as err:
+        return _report(err, 1)
+    return 0
+
+
+def _report(err: Exception, status: int) -> int:
+    if os.environ.get("MOLF_TRACEBACK") == "1":
+        raise err
+    print(f"error: {err} (MOLF_TRACEBACK=1 shows where it was raised)", file=sys.stderr)
+    return status
+
+
+def _evaluate(args: argparse.Namespace, cfg, training_config) -> dict:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     run_info = run_info_for(args.model, args.task, training_config)
     if args.run_name:
         run_info["run_name"] = args.run_name
