@@ -16,13 +16,14 @@ from molf.config import parse_config
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    from molf.model.load import load_model
+    from molf.model.load import check_model_paths, load_model
     from molf.train.build import apply_mode, attach_strategy, model_dtype
     from molf.train.param_count import count_parameters, format_counts
 
     try:
         cfg = parse_config(argv)
-    except ValueError as err:
+        check_model_paths(cfg.model_name_or_path, cfg.tokenizer_name_or_path)
+    except (ValueError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     model = load_model(cfg.model_name_or_path, model_dtype(cfg.precision), cfg.attn_implementation, cfg.seed)

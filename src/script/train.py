@@ -29,11 +29,9 @@ def check_local_paths(cfg: TrainingConfig) -> None:
     split's file), the evaluation has no data to score on or a results CSV its row cannot be appended
     to, or the run directory holds an earlier run that this one would overwrite."""
     from molf.data.io import resolve_split_file
+    from molf.model.load import check_model_paths
 
-    for flag in ("model_name_or_path", "tokenizer_name_or_path"):  # a path, not a hub id, that is not there
-        value = getattr(cfg, flag)
-        if value is not None and value.startswith(("/", "./", "../", "~")) and not Path(value).expanduser().exists():
-            raise FileNotFoundError(f"--{flag} {value} does not exist; pass an existing directory or a hub id")
+    check_model_paths(cfg.model_name_or_path, cfg.tokenizer_name_or_path)
     for flag in ("data_path", "eval_data_path"):
         value = getattr(cfg, flag)
         if value is not None and not Path(value).exists():

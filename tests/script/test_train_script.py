@@ -175,6 +175,12 @@ def test_progress_messages_of_the_package_are_printed(capsys):
     assert capsys.readouterr().err.count("step 40: ffn fade starts") == 1
 
 
+def test_count_params_missing_model_path_is_one_error_line(tmp_path, capsys):
+    assert load_script("count_params").main(["--model_name_or_path", str(tmp_path / "no_model")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --model_name_or_path") and "does not exist" in err and "Traceback" not in err
+
+
 def test_count_params_script(capsys):
     assert load_script("count_params").main(["--model_name_or_path", TINY, "--mode", "molf_e",
                                              "--molf_lora_ranks", "[4,8]"]) == 0

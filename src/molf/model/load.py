@@ -34,6 +34,18 @@ def vendored_tokenizer_dir() -> Path:
     )
 
 
+def check_model_paths(model_name_or_path: Optional[str], tokenizer_name_or_path: Optional[str] = None) -> None:
+    """Fail early when a model or tokenizer reference is written as a path (``/``, ``./``, ``../``,
+    ``~``) and nothing is there; hub ids and ``tiny-*`` names are left to the loaders.
+
+    Raises:
+        FileNotFoundError: names the flag and the missing path.
+    """
+    for flag, value in (("model_name_or_path", model_name_or_path), ("tokenizer_name_or_path", tokenizer_name_or_path)):
+        if value is not None and value.startswith(("/", "./", "../", "~")) and not Path(value).expanduser().exists():
+            raise FileNotFoundError(f"--{flag} {value} does not exist; pass an existing directory or a hub id")
+
+
 def load_tokenizer(model_name_or_path: str, tokenizer_name_or_path: Optional[str] = None):
     """Load the tokenizer of a run and make sure it can pad.
 
