@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import warnings
 
 import pytest
@@ -136,10 +137,48 @@ def test_run_name_is_readable():
 
 
 @pytest.mark.parametrize("args, fragment", [
-    (["--molf_lora_ranks", "128"], '--molf_lora_ranks: .*brackets and quotes, e.g. --molf_lora_ranks "\\[32,128\\]"'),
     (["--seed", "abc"], "--seed: invalid literal"),
+    (["--molf_lora_ranks", "[32,b]"], "--molf_lora_ranks.1: invalid literal"),
 ])
 def test_a_value_of_the_wrong_type_names_its_flag(args, fragment):
+    with pytest.raises(ValueError, match=fragment):
+        parse_config(args)
+
+
+@pytest.mark.parametrize("line, example", [
+    ("molf_lora_ranks: 128", "[32,128]"),
+    ("molf_target_modules: q_proj", "[q_proj,v_proj]"),
+])
+def test_a_yaml_list_without_brackets_gets_an_example_of_its_type(tmp_path, line, example):
+    path = tmp_path / "c.yaml"
+    path.write_text(line + "\n")
+    field = line.split(":")[0]
+    with pytest.raises(ValueError, match=re.escape(f"write a list in brackets, e.g. --{field} \"{example}\"")):
+        parse_config(["--config_path", str(path)])
+
+
+@pytest.mark.parametrize("plain, bracketed", [
+    (["--molf_lora_ranks", "32,128"], ["--molf_lora_ranks", "[32,128]"]),
+    (["--molf_lora_ranks=64"], ["--molf_lora_ranks", "[64]"]),
+    (["--molf_target_modules", "q_proj,v_proj"], ["--molf_target_modules", "[q_proj,v_proj]"]),
+    (["--molf_exclude_modules="], ["--molf_exclude_modules", "[]"]),
+    (["--mode", "moe_expert_lora", "--ffn_targets", "gate_proj"], ["--mode", "moe_expert_lora", "--ffn_targets",
+                                                                     "[gate_proj]"]),
+])
+def test_list_flags_may_be_written_without_brackets(plain, bracketed):
+    cfg = parse_config(plain)
+    assert cfg == parse_config(bracketed)
+    field = bracketed[-2].lstrip("-")
+    assert isinstance(getattr(cfg, field), list) and getattr(cfg, field) != getattr(TrainingConfig(), field)
+
+
+@pytest.mark.parametrize("args, fragment", [
+    (["--max_grad_norm", "nan"], "max_grad_norm must be a finite number >= 0"),
+    (["--max_grad_norm", "-1"], "max_grad_norm must be a finite number >= 0"),
+    (["--seed", "-1"], r"seed must be in \[0, 2\*\*32\)"),
+    (["--seed", str(2**32)], r"seed must be in \[0, 2\*\*32\)"),
+])
+def test_out_of_range_clipping_norm_and_seed(args, fragment):
     with pytest.raises(ValueError, match=fragment):
         parse_config(args)
 

@@ -12,6 +12,7 @@ import hashlib
 import importlib.util
 import json
 import re
+import sys
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -244,6 +245,41 @@ def _model_tag(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9.\-]+", "-", base)[:48]
 
 
+# Flat list flags and the type each was declared with (``list[int]``, ``list[str]``, ...).
+_LIST_FIELDS = {name: str(f.type) for name, f in TrainingConfig.__dataclass_fields__.items()
+                if "list[" in str(f.type) and "dict" not in str(f.type)}
+
+
+def _bracket_list_flags(args: list[str]) -> list[str]:
+    """Let list flags also be written without brackets on the command line: ``--molf_lora_ranks 32,128``
+    and ``--molf_target_modules q_proj,v_proj`` (the form DESIGN section 1 uses) become ``[32,128]`` and
+    ``[q_proj,v_proj]``; an empty value is the empty list. Bracketed values and ``null`` are left as
+    they are."""
+    out: list[str] = []
+    pending = False  # the previous item was a list flag waiting for its value
+    for item in args:
+        name, eq, value = item.partition("=")
+        if pending and not item.startswith("--"):
+            out.append(_bracketed(item))
+            pending = False
+        elif item.startswith("--") and name[2:] in _LIST_FIELDS:
+            pending = False
+            if eq:
+                out.append(f"{name}={_bracketed(value)}")
+            else:
+                out.append(item)
+                pending = True
+        else:
+            out.append(item)
+            pending = False
+    return out
+
+
+def _bracketed(value: str) -> str:
+    value = value.strip()
+    return value if value.startswith("[") or value in ("null", "None", "~") else f"[{value}]"
+
+
 def parse_config(args: Optional[Sequence[str]] = None, config_path: Optional[str] = None) -> TrainingConfig:
     """Parse command-line flags (and an optional ``--config_path`` YAML) into a validated config.
 
@@ -254,6 +290,7 @@ def parse_config(args: Optional[Sequence[str]] = None, config_path: Optional[str
     import draccus
     from draccus.utils import DecodingError, ParsingError
 
+    args = _bracket_list_flags(list(sys.argv[1:] if args is None else args))
     try:
         return draccus.parse(config_class=TrainingConfig, config_path=config_path, args=args)
     except DecodingError as err:  # a value that does not fit its field's type
@@ -261,7 +298,8 @@ def parse_config(args: Optional[Sequence[str]] = None, config_path: Optional[str
         cause = err.__cause__ or err
         detail = " ".join(str(cause).split())
         if "list type" in detail:
-            detail += f' (write a list in brackets and quotes, e.g. --{field} "[32,128]")'
+            example = "[32,128]" if "int" in _LIST_FIELDS.get(field, "int") else "[q_proj,v_proj]"
+            detail += f' (write a list in brackets, e.g. --{field} "{example}", or in YAML {field}: {example})'
         if not field and "not valid for" in detail:
             detail += " (a misspelled key in the --config_path YAML?)"
         raise ValueError(f"--{field}: {detail}" if field else detail) from None

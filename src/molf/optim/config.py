@@ -38,6 +38,9 @@ class OptimConfig:
             value = getattr(self, name)
             if not (math.isfinite(value) and value >= 0):
                 raise ValueError(f"{name} must be a finite number >= 0, got {value}")
+        if not (math.isfinite(self.max_grad_norm) and self.max_grad_norm >= 0):
+            raise ValueError(f"max_grad_norm must be a finite number >= 0 (0 turns gradient clipping off), "
+                             f"got {self.max_grad_norm}")
         if self.adam_epsilon == 0:
             raise ValueError("adam_epsilon must be > 0: with 0, an element whose gradient is zero divides 0 by 0")
         for name in ("adam_beta1", "adam_beta2"):

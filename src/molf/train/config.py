@@ -83,6 +83,8 @@ class TrainConfig:
             self.max_steps = -1  # 0 and every negative value mean "train for num_train_epochs": one run name
         if not self.model_name_or_path:
             raise ValueError("model_name_or_path is empty: give a hub id, a local directory or tiny-qwen2")
+        if not 0 <= self.seed < 2**32:
+            raise ValueError(f"seed must be in [0, 2**32) (NumPy's seed range), got {self.seed}")
         if not (math.isfinite(self.num_train_epochs) and self.num_train_epochs > 0):
             raise ValueError(f"num_train_epochs must be > 0, got {self.num_train_epochs}")
         if not 0.0 <= self.warm_up_ratio < 1.0:
