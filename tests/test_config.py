@@ -162,8 +162,8 @@ def test_a_yaml_list_without_brackets_gets_an_example_of_its_type(tmp_path, line
     (["--molf_lora_ranks=64"], ["--molf_lora_ranks", "[64]"]),
     (["--molf_target_modules", "q_proj,v_proj"], ["--molf_target_modules", "[q_proj,v_proj]"]),
     (["--molf_exclude_modules="], ["--molf_exclude_modules", "[]"]),
-    (["--mode", "moe_expert_lora", "--ffn_targets", "gate_proj"], ["--mode", "moe_expert_lora", "--ffn_targets",
-                                                                     "[gate_proj]"]),
+    (["--mode", "moe_expert_lora", "--ffn_targets", "gate_proj"],
+     ["--mode", "moe_expert_lora", "--ffn_targets", "[gate_proj]"]),
 ])
 def test_list_flags_may_be_written_without_brackets(plain, bracketed):
     cfg = parse_config(plain)
