@@ -70,6 +70,30 @@ def test_max_seq_length_drops_rows_whose_target_cannot_fit(tokenizer, caplog):
     assert "exceeds max_seq_length=40" in caplog.text
 
 
+def test_prompts_cut_to_fit_are_counted_in_a_warning(tokenizer, caplog):
+    cfg = _cfg(dataset_type="med", data_path=str(FIXTURES / "med" / "train.jsonl"))
+    lengths = [len(ids) for ids in build_train_dataset(cfg, tokenizer, seed=0)["input_ids"]]
+    assert "cut the prompts" not in caplog.text  # no limit, nothing cut
+    limit = sorted(lengths)[len(lengths) // 2]  # about half the rows are longer
+    longer = [n for n in lengths if n > limit]
+    build_train_dataset(_cfg(dataset_type="med", data_path=cfg.data_path, max_seq_length=limit), tokenizer, seed=0)
+    assert (f"cut the prompts of {len(longer)} of {len(lengths)} training rows from the left to fit "
+            f"max_seq_length={limit} (by {max(longer) - limit} tokens at most") in caplog.text
+
+
+def test_encode_example_reports_the_tokens_it_cut():
+    from molf.data.encoding import encode_example
+
+    class Chars:  # one token per character, BOS added to plain text
+        bos_token_id, eos_token_id = 1, 2
+
+        def __call__(self, text, add_special_tokens=True):
+            return {"input_ids": ([1] if add_special_tokens else []) + [ord(c) for c in text]}
+
+    assert encode_example(Chars(), "abcdef", "xy", max_seq_length=6)["prompt_tokens_cut"] == 4
+    assert encode_example(Chars(), "abcdef", "xy", max_seq_length=None)["prompt_tokens_cut"] == 0
+
+
 def test_missing_path_and_empty_directory_are_clear_errors(tmp_path, tokenizer):
     with pytest.raises(FileNotFoundError, match="does not exist"):
         build_train_dataset(_cfg(dataset_type="med", data_path=str(tmp_path / "nope.jsonl")), tokenizer, 0)

@@ -108,17 +108,24 @@ def build_train_dataset(cfg: Any, tokenizer, seed: int) -> Dataset:
     examples = _without_eval_overlap(cfg, load_examples(cfg, "train"))
     examples = [examples[i] for i in seeded_subset(len(examples), cfg.num_train_samples, seed)]
     columns: dict[str, list] = {"input_ids": [], "attention_mask": [], "labels": []}
-    dropped = 0
+    dropped, cuts = 0, []
     for example in examples:
         encoded = encode_example(tokenizer, example.prompt, example.target, cfg.max_seq_length)
         if encoded is None:
             dropped += 1
             continue
+        cut = encoded.pop("prompt_tokens_cut")
+        if cut:
+            cuts.append(cut)
         for key, values in encoded.items():
             columns[key].append(values)
     if dropped:
         logger.warning("dropped %d of %d training rows whose target alone exceeds max_seq_length=%s",
                        dropped, len(examples), cfg.max_seq_length)
+    if cuts:
+        logger.warning("cut the prompts of %d of %d training rows from the left to fit max_seq_length=%s (by %d "
+                       "tokens at most, the start of the question is lost); raise --max_seq_length to keep them "
+                       "whole", len(cuts), len(examples), cfg.max_seq_length, max(cuts))
     if not columns["input_ids"]:
         raise ValueError(f"no training row fits max_seq_length={cfg.max_seq_length}; raise it or omit it")
     return Dataset.from_dict(columns)

@@ -29,12 +29,19 @@ def encode_prompt(tokenizer, prompt: str, max_length: Optional[int] = None) -> l
 
     Left truncation keeps the BOS token and the end of the prompt, which is what the model continues.
     """
+    return _encode_prompt(tokenizer, prompt, max_length)[0]
+
+
+def _encode_prompt(tokenizer, prompt: str, max_length: Optional[int]) -> tuple[list[int], int]:
+    """``encode_prompt``'s ids and how many prompt tokens the cut removed."""
     bos = bos_prefix(tokenizer)
     body = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    cut = 0
     if max_length is not None and len(bos) + len(body) > max_length:
         keep = max(max_length - len(bos), 0)
-        body = body[len(body) - keep:] if keep else []
-    return bos + body
+        cut = len(body) - keep
+        body = body[cut:]
+    return bos + body, cut
 
 
 def encode_target(tokenizer, target: str, add_eos: bool = True) -> list[int]:
@@ -58,19 +65,21 @@ def encode_example(tokenizer, prompt: str, target: str,
     """Tokenize one (prompt, target) pair for SFT, or return None when the target alone does not fit.
 
     Returns:
-        ``input_ids``, ``attention_mask`` and ``labels`` (-100 on the prompt), or None when
-        ``max_seq_length`` leaves no room for at least one prompt token next to the whole target.
+        ``input_ids``, ``attention_mask`` and ``labels`` (-100 on the prompt), and
+        ``prompt_tokens_cut`` (an int: prompt tokens cut from the left to fit, 0 when none), or None
+        when ``max_seq_length`` leaves no room for at least one prompt token next to the whole target.
     """
     target_ids = encode_target(tokenizer, target)
     budget = prompt_budget(max_seq_length, target_ids)
     if budget is not None and budget < 1:
         return None
-    prompt_ids = encode_prompt(tokenizer, prompt, budget)
+    prompt_ids, cut = _encode_prompt(tokenizer, prompt, budget)
     input_ids = prompt_ids + target_ids
     return {
         "input_ids": input_ids,
         "attention_mask": [1] * len(input_ids),
         "labels": [IGNORE_INDEX] * len(prompt_ids) + target_ids,
+        "prompt_tokens_cut": cut,
     }
 
 
