@@ -27,7 +27,8 @@ def say(*args) -> None:
 def check_local_paths(cfg: TrainingConfig) -> None:
     """Fail before any model is loaded when a local data path is missing (or is a directory without the
     split's file), the evaluation has no data to score on or a results CSV its row cannot be appended
-    to, or the run directory holds an earlier run that this one would overwrite."""
+    to, an explicit --resume_from_checkpoint is not there, or the run directory holds an earlier run
+    that this one would overwrite."""
     from molf.data.io import resolve_split_file
     from molf.model.load import check_model_paths
 
@@ -48,8 +49,9 @@ def check_local_paths(cfg: TrainingConfig) -> None:
             resolve_split_file(Path(path), split)
         check_task_file(cfg.results_dir, cfg.dataset_type)  # a results CSV the row could not be appended to
     if not (cfg.validate_only or cfg.preflight or cfg.only_eval):
-        from molf.train.build import outputs_to_clear
+        from molf.train.build import outputs_to_clear, resolve_resume
 
+        resolve_resume(cfg)  # an explicit checkpoint path that is not there
         outputs_to_clear(cfg)
 
 

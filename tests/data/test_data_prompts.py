@@ -60,6 +60,19 @@ def test_med_missing_option_names_file_line_field(tmp_path):
         med.parse_rows(load_file(path), index_base=0)
 
 
+def test_data_of_another_task_lists_the_fields_and_points_at_dataset_type():
+    [row] = load_file(FIXTURES / "sql" / "sql_create_context.jsonl")[:1]
+    with pytest.raises(MalformedRecordError, match=r"field 'opa' is missing; the row has fields \[.*'question'.*\] "
+                                                   r"\(data of another task\? check --dataset_type\)"):
+        med.parse_rows([row], index_base=0)
+
+
+def test_an_empty_field_is_named_as_empty():
+    row = Row({"question": "Q", "opa": " ", "opb": "b", "opc": "c", "opd": "d", "cop": 1}, "f.jsonl:3")
+    with pytest.raises(MalformedRecordError, match=r"f.jsonl:3: field 'opa' is empty$"):
+        med.parse_rows([row], index_base=0)
+
+
 def test_sql_gretel_prompt_on_real_record():
     [first] = sql.parse_rows(load_file(FIXTURES / "sql" / "gretel_train.jsonl")[:1], sql.spider_paths(None, None, None))
     assert first.prompt == (

@@ -126,6 +126,14 @@ def test_a_missing_tokenizer_directory_is_refused_before_loading(tmp_path, capsy
     assert not (tmp_path / "runs").exists()
 
 
+def test_a_missing_resume_checkpoint_is_refused_before_loading(tmp_path, capsys, monkeypatch):
+    script = load_script("train")
+    monkeypatch.setattr(script, "train", lambda cfg: pytest.fail("trained before the check"))
+    missing = tmp_path / "checkpoint-7"
+    assert script.main(flags(tmp_path, "--resume_from_checkpoint", str(missing))) == 2
+    assert f"--resume_from_checkpoint {missing} is not a directory" in capsys.readouterr().err
+
+
 def test_a_data_directory_without_the_split_file_is_refused_before_loading(tmp_path, capsys):
     empty = tmp_path / "empty"
     empty.mkdir()

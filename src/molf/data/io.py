@@ -35,9 +35,12 @@ class MalformedRecordError(ValueError):
 
 def require(row: Row, field: str) -> Any:
     """Return ``row.fields[field]``, or raise naming the file, line and missing field."""
-    value = row.fields.get(field)
+    if field not in row.fields:
+        raise MalformedRecordError(f"{row.where}: field {field!r} is missing; the row has fields "
+                                   f"{sorted(row.fields)} (data of another task? check --dataset_type)")
+    value = row.fields[field]
     if value is None or (isinstance(value, str) and not value.strip()):
-        raise MalformedRecordError(f"{row.where}: field {field!r} is missing or empty")
+        raise MalformedRecordError(f"{row.where}: field {field!r} is empty")
     return value
 
 
