@@ -139,7 +139,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("results/bench_optimizer.csv"))
     args = parser.parse_args()
     if args.device == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("--device cuda: CUDA is not available on this machine; use --device cpu")
+        raise SystemExit("error: --device cuda: CUDA is not available on this machine; use --device cpu")
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)

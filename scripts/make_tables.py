@@ -30,7 +30,7 @@ def _metric_overrides(items: list[str]) -> dict[str, str]:
     for item in items:
         task, sep, column = item.partition("=")
         if not sep or not task or not column:
-            raise SystemExit(f"--metric expects TASK=COLUMN (e.g. fact=efficacy_sequence), got {item!r}")
+            raise SystemExit(f"error: --metric expects TASK=COLUMN (e.g. fact=efficacy_sequence), got {item!r}")
         overrides[task] = column
     return overrides
 
@@ -48,7 +48,7 @@ def main(argv: list[str] | None = None) -> None:
 
     results = with_primary_metric(load_results(args.csv), _metric_overrides(args.metric))
     if results.empty:
-        raise SystemExit("the results CSVs hold no row with a value of the primary metric")
+        raise SystemExit("error: the results CSVs hold no row with a value of the primary metric")
     runs = long_table(results)
     outputs = {
         "table1.md": table1_markdown(results, args.digits),

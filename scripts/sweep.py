@@ -91,7 +91,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"wrote {path}")
         return 0
     if (args.print or args.print_args or args.is_done) and args.index is None:
-        raise SystemExit("--print, --print_args and --is_done need --index I")
+        print("error: --print, --print_args and --is_done need --index I", file=sys.stderr)
+        return 2
     paths = RunPaths(args.ckpt_dir_root, args.log_dir_root, args.results_dir)
     try:
         jobs = _select(args, grid_jobs(args.grid))
