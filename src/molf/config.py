@@ -93,7 +93,7 @@ class TrainingConfig(TrainConfig, DataConfig, EvalConfig, OptimConfig, MoLFConfi
         if changed:
             raise ValueError(
                 f"{', '.join(changed)}: MoLF flags, used only by --mode molf / molf_e (mode is {self.mode!r}); "
-                "remove these flags or change --mode"
+                "remove these flags (from the command line or the --config_path YAML) or change --mode"
             )
         self.molf_fft = True  # a fixed value, so that the run name does not depend on how it was spelled
         if self.mode in STRATEGY_MODES:
