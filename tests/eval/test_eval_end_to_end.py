@@ -187,16 +187,20 @@ def test_med_evaluation_generates_from_the_training_prompts(tokenizer, monkeypat
                for prompt, e in zip(seen, examples))  # the limit did cut some prompts
 
 
-@pytest.mark.parametrize("case", ["checkpoint", "data_path", "results_csv"])
+@pytest.mark.parametrize("case", ["checkpoint", "run_directory", "data_path", "results_csv"])
 def test_cli_bad_path_is_one_error_line_before_loading(case, tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(eval_cli, "load_model_and_tokenizer", lambda *a, **k: pytest.fail("loaded before the check"))
     args = {"--task": "med", "--model": "tiny-qwen2", "--data_path": str(FIXTURES / "med" / "validation.jsonl"),
             "--results_dir": str(tmp_path)}
     expected = {"checkpoint": "checkpoint directory .*missing_run not found",
+                "run_directory": "run holds no saved model .*; for a run directory pass .*run/final",
                 "data_path": "data path .*no_such_file.jsonl does not exist",
                 "results_csv": "not this task's schema"}[case]
     if case == "checkpoint":
         args["--model"] = str(tmp_path / "missing_run")
+    elif case == "run_directory":
+        (tmp_path / "run" / "final").mkdir(parents=True)
+        args["--model"] = str(tmp_path / "run")
     elif case == "data_path":
         args["--data_path"] = str(tmp_path / "no_such_file.jsonl")
     else:

@@ -62,11 +62,14 @@ def check_checkpoint(model_ref: str) -> Path:
     """The checkpoint directory ``model_ref`` names (not a ``tiny-*`` name).
 
     Raises:
-        FileNotFoundError: there is no such directory.
+        FileNotFoundError: there is no such directory, or it holds no saved model.
     """
     path = Path(model_ref)
     if not path.is_dir():
         raise FileNotFoundError(f"checkpoint directory {path} not found; pass a saved model directory or tiny-<family>")
+    if not ((path / "config.json").is_file() or (path / "adapter_config.json").is_file()):
+        hint = f"; for a run directory pass {path / 'final'}" if (path / "final").is_dir() else ""
+        raise FileNotFoundError(f"{path} holds no saved model (no config.json or adapter_config.json){hint}")
     return path
 
 
