@@ -172,6 +172,29 @@ def test_list_flags_may_be_written_without_brackets(plain, bracketed):
     assert isinstance(getattr(cfg, field), list) and getattr(cfg, field) != getattr(TrainingConfig(), field)
 
 
+@pytest.mark.parametrize("value, fragment", [
+    ("32,,128", "--molf_lora_ranks '32,,128' has an empty item; write e.g. --molf_lora_ranks 32,128"),
+    ("32,128]", "--molf_lora_ranks: '128]' is not an integer"),
+    ("0x10", "--molf_lora_ranks: '0x10' is not an integer"),
+    ("[32,,128]", "a flag value is not valid YAML"),
+])
+def test_bad_list_values_are_one_line_errors(value, fragment):
+    with pytest.raises(ValueError, match=re.escape(fragment)):
+        parse_config(["--molf_lora_ranks", value])
+
+
+def test_bare_names_stay_strings_and_none_is_null():
+    assert parse_config(["--molf_target_modules", "yes,no,*proj"]).molf_target_modules == ["yes", "no", "*proj"]
+    assert parse_config(["--molf_target_modules", "None"]).molf_target_modules is None
+
+
+def test_a_config_file_that_is_not_yaml_is_named(tmp_path):
+    path = tmp_path / "broken.yaml"
+    path.write_text("mode: [molf\n")
+    with pytest.raises(ValueError, match=f"--config_path {re.escape(str(path))} is not valid YAML: while parsing"):
+        parse_config(["--config_path", str(path)])
+
+
 @pytest.mark.parametrize("args, fragment", [
     (["--max_grad_norm", "nan"], "max_grad_norm must be a finite number >= 0"),
     (["--max_grad_norm", "-1"], "max_grad_norm must be a finite number >= 0"),

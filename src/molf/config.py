@@ -250,34 +250,57 @@ _LIST_FIELDS = {name: str(f.type) for name, f in TrainingConfig.__dataclass_fiel
                 if "list[" in str(f.type) and "dict" not in str(f.type)}
 
 
+# An example value of each list flag, for the messages that ask for one.
+_LIST_EXAMPLES = {"molf_lora_ranks": "[32,128]", "molf_target_modules": "[q_proj,v_proj]",
+                  "molf_exclude_modules": "[lm_head]", "ffn_targets": "[gate_proj,up_proj,down_proj]",
+                  "attn_targets": "[q_proj,v_proj]"}
+
+
 def _bracket_list_flags(args: list[str]) -> list[str]:
     """Let list flags also be written without brackets on the command line: ``--molf_lora_ranks 32,128``
     and ``--molf_target_modules q_proj,v_proj`` (the form DESIGN section 1 uses) become ``[32,128]`` and
-    ``[q_proj,v_proj]``; an empty value is the empty list. Bracketed values and ``null`` are left as
-    they are."""
+    ``["q_proj","v_proj"]`` (each name quoted, so YAML reads it as the string it is); an empty value is
+    the empty list. Bracketed values and ``null`` / ``None`` are passed on for draccus to read.
+
+    Raises:
+        ValueError: an empty item (``32,,128``) or, in a list of integers, an item that is not one.
+    """
     out: list[str] = []
-    pending = False  # the previous item was a list flag waiting for its value
+    flag = None  # the list flag whose value comes next
     for item in args:
         name, eq, value = item.partition("=")
-        if pending and not item.startswith("--"):
-            out.append(_bracketed(item))
-            pending = False
+        if flag is not None and not item.startswith("--"):
+            out.append(_bracketed(flag, item))
+            flag = None
         elif item.startswith("--") and name[2:] in _LIST_FIELDS:
-            pending = False
+            flag = None
             if eq:
-                out.append(f"{name}={_bracketed(value)}")
+                out.append(f"{name}={_bracketed(name[2:], value)}")
             else:
                 out.append(item)
-                pending = True
+                flag = name[2:]
         else:
             out.append(item)
-            pending = False
+            flag = None
     return out
 
 
-def _bracketed(value: str) -> str:
+def _bracketed(flag: str, value: str) -> str:
     value = value.strip()
-    return value if value.startswith("[") or value in ("null", "None", "~") else f"[{value}]"
+    if value.startswith("[") or value in ("null", "~"):
+        return value
+    if value == "None":
+        return "null"
+    items = [part.strip() for part in value.split(",")] if value else []
+    example = _LIST_EXAMPLES.get(flag, "[a,b]")
+    if any(not part for part in items):
+        raise ValueError(f"--{flag} {value!r} has an empty item; write e.g. --{flag} {example[1:-1]}")
+    if "int" in _LIST_FIELDS[flag]:
+        bad = [part for part in items if not re.fullmatch(r"[+-]?\d+", part)]
+        if bad:
+            raise ValueError(f"--{flag}: {bad[0]!r} is not an integer; write e.g. --{flag} {example[1:-1]}")
+        return "[" + ",".join(items) + "]"
+    return "[" + ",".join(json.dumps(part) for part in items) + "]"
 
 
 def parse_config(args: Optional[Sequence[str]] = None, config_path: Optional[str] = None) -> TrainingConfig:
@@ -288,6 +311,7 @@ def parse_config(args: Optional[Sequence[str]] = None, config_path: Optional[str
             which says what to change, is what the user sees).
     """
     import draccus
+    import yaml
     from draccus.utils import DecodingError, ParsingError
 
     args = _bracket_list_flags(list(sys.argv[1:] if args is None else args))
@@ -298,7 +322,7 @@ def parse_config(args: Optional[Sequence[str]] = None, config_path: Optional[str
         cause = err.__cause__ or err
         detail = " ".join(str(cause).split())
         if "list type" in detail:
-            example = "[32,128]" if "int" in _LIST_FIELDS.get(field, "int") else "[q_proj,v_proj]"
+            example = _LIST_EXAMPLES.get(field, "[a,b]")
             detail += f' (write a list in brackets, e.g. --{field} "{example}", or in YAML {field}: {example})'
         if not field and "not valid for" in detail:
             detail += " (a misspelled key in the --config_path YAML?)"
@@ -306,4 +330,19 @@ def parse_config(args: Optional[Sequence[str]] = None, config_path: Optional[str
     except ParsingError as err:
         if isinstance(err.__cause__, ValueError):
             raise err.__cause__ from None
+        if isinstance(err.__cause__, yaml.YAMLError):  # the --config_path file
+            path = config_path or _flag_value(args, "--config_path")
+            raise ValueError(f"--config_path {path} is not valid YAML: {' '.join(str(err.__cause__).split())}") \
+                from None
         raise ValueError(" ".join(str(err).split())) from None
+    except yaml.YAMLError as err:  # a flag value that YAML cannot read
+        raise ValueError(f"a flag value is not valid YAML: {' '.join(str(err).split())}") from None
+
+
+def _flag_value(args: Sequence[str], flag: str) -> Optional[str]:
+    for i, item in enumerate(args):
+        if item == flag and i + 1 < len(args):
+            return args[i + 1]
+        if item.startswith(flag + "="):
+            return item.split("=", 1)[1]
+    return None

@@ -26,7 +26,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except (ValueError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    model = load_model(cfg.model_name_or_path, model_dtype(cfg.precision), cfg.attn_implementation, cfg.seed)
+    try:
+        model = load_model(cfg.model_name_or_path, model_dtype(cfg.precision), cfg.attn_implementation, cfg.seed)
+    except OSError as err:  # a hub id with no network or no such model
+        print(f"error: {' '.join(str(err).split())}", file=sys.stderr)
+        return 1
     before = count_parameters(model)
     runtime = attach_strategy(model, cfg)
     model = apply_mode(model, cfg)

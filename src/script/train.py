@@ -15,8 +15,9 @@ from typing import Optional, Sequence
 from molf.config import TrainingConfig, parse_config
 
 IS_MAIN_RANK = int(os.environ.get("RANK", "0")) == 0
-# Errors that say what to fix (the project raises these with such messages): printed as one line.
-USER_ERRORS = (ValueError, FileNotFoundError, FloatingPointError)
+# Errors that say what to fix, found after parsing: a malformed record, a model the hub or the disk
+# does not have, a phase plan past the last step, a diverged run. Printed as one line, exit 1.
+USER_ERRORS = (ValueError, OSError, FloatingPointError)
 
 
 def say(*args) -> None:
@@ -48,11 +49,12 @@ def check_local_paths(cfg: TrainingConfig) -> None:
         if path is not None:
             resolve_split_file(Path(path), split)
         check_task_file(cfg.results_dir, cfg.dataset_type)  # a results CSV the row could not be appended to
-    if not (cfg.validate_only or cfg.preflight or cfg.only_eval):
+    if not cfg.only_eval:
         from molf.train.build import outputs_to_clear, resolve_resume
 
-        resolve_resume(cfg)  # an explicit checkpoint path that is not there
-        outputs_to_clear(cfg)
+        resolve_resume(cfg)  # an explicit checkpoint path that is not there, or not a whole checkpoint
+        if not (cfg.validate_only or cfg.preflight):
+            outputs_to_clear(cfg)
 
 
 def evaluate(cfg: TrainingConfig, model, tokenizer) -> None:
@@ -178,7 +180,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except USER_ERRORS as err:  # bad data, a config only the real step count rules out, a diverged run
         if os.environ.get("MOLF_TRACEBACK") == "1":
             raise
-        print(f"error: {err} (MOLF_TRACEBACK=1 shows where it was raised)", file=sys.stderr)
+        print(f"error: {' '.join(str(err).split())} (MOLF_TRACEBACK=1 shows where it was raised)", file=sys.stderr)
         return 1
     return 0
 

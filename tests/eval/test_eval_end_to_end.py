@@ -187,17 +187,26 @@ def test_med_evaluation_generates_from_the_training_prompts(tokenizer, monkeypat
                for prompt, e in zip(seen, examples))  # the limit did cut some prompts
 
 
-@pytest.mark.parametrize("case", ["checkpoint", "run_directory", "data_path", "results_csv"])
+@pytest.mark.parametrize("case", ["checkpoint", "run_directory", "tokenizer", "train_data_only", "data_path",
+                                  "results_csv"])
 def test_cli_bad_path_is_one_error_line_before_loading(case, tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(eval_cli, "load_model_and_tokenizer", lambda *a, **k: pytest.fail("loaded before the check"))
     args = {"--task": "med", "--model": "tiny-qwen2", "--data_path": str(FIXTURES / "med" / "validation.jsonl"),
             "--results_dir": str(tmp_path)}
     expected = {"checkpoint": "checkpoint directory .*missing_run not found",
+                "tokenizer": "--tokenizer .*no_tokenizer does not exist",
+                "train_data_only": "--train_data_path .*train.jsonl is a local file and no --data_path says what to "
+                                   "evaluate med on",
                 "run_directory": "run holds no saved model .*; for a run directory pass .*run/final",
                 "data_path": "data path .*no_such_file.jsonl does not exist",
                 "results_csv": "not this task's schema"}[case]
     if case == "checkpoint":
         args["--model"] = str(tmp_path / "missing_run")
+    elif case == "tokenizer":
+        args["--tokenizer"] = str(tmp_path / "no_tokenizer")
+    elif case == "train_data_only":
+        del args["--data_path"]
+        args["--train_data_path"] = str(FIXTURES / "med" / "train.jsonl")
     elif case == "run_directory":
         (tmp_path / "run" / "final").mkdir(parents=True)
         args["--model"] = str(tmp_path / "run")

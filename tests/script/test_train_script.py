@@ -132,6 +132,16 @@ def test_a_missing_resume_checkpoint_is_refused_before_loading(tmp_path, capsys,
     missing = tmp_path / "checkpoint-7"
     assert script.main(flags(tmp_path, "--resume_from_checkpoint", str(missing))) == 2
     assert f"--resume_from_checkpoint {missing} is not a directory" in capsys.readouterr().err
+    missing.mkdir()  # a directory the Trainer never finished writing; found by --validate_only too
+    assert script.main(flags(tmp_path, "--resume_from_checkpoint", str(missing), "--validate_only", "True")) == 2
+    assert "not a complete Trainer checkpoint" in capsys.readouterr().err
+
+
+def test_count_params_relative_model_path_under_a_local_directory(tmp_path, capsys, monkeypatch):
+    (tmp_path / "ckpts").mkdir()
+    monkeypatch.chdir(tmp_path)
+    assert load_script("count_params").main(["--model_name_or_path", "ckpts/no_run"]) == 2
+    assert "--model_name_or_path ckpts/no_run does not exist" in capsys.readouterr().err
 
 
 def test_a_data_directory_without_the_split_file_is_refused_before_loading(tmp_path, capsys):

@@ -42,6 +42,11 @@ def test_resume_resolution(tmp_path):
     assert build.resolve_resume(cfg).endswith("checkpoint-10")
     with pytest.raises(FileNotFoundError, match="not a directory"):
         build.resolve_resume(make_cfg(tmp_path, resume_from_checkpoint=str(tmp_path / "missing")))
+    partial = str(cfg.run_dir / "checkpoint-12")
+    with pytest.raises(FileNotFoundError, match="not a complete Trainer checkpoint"):
+        build.resolve_resume(make_cfg(tmp_path, resume_from_checkpoint=partial))
+    whole = str(cfg.run_dir / "checkpoint-2")
+    assert build.resolve_resume(make_cfg(tmp_path, resume_from_checkpoint=whole)) == whole
 
 
 def test_phased_strategy_refuses_ddp(tmp_path, monkeypatch):

@@ -36,8 +36,8 @@ class MalformedRecordError(ValueError):
 def require(row: Row, field: str) -> Any:
     """Return ``row.fields[field]``, or raise naming the file, line and missing field."""
     if field not in row.fields:
-        raise MalformedRecordError(f"{row.where}: field {field!r} is missing; the row has fields "
-                                   f"{sorted(row.fields)} (data of another task? check --dataset_type)")
+        raise MalformedRecordError(f"{row.where}: field {field!r} is missing; the row has fields {sorted(row.fields)} "
+                                   "(data of another task? check --dataset_type, or --task when evaluating)")
     value = row.fields[field]
     if value is None or (isinstance(value, str) and not value.strip()):
         raise MalformedRecordError(f"{row.where}: field {field!r} is empty")

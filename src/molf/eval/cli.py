@@ -25,8 +25,9 @@ from molf.eval.checkpoint import (
 from molf.eval.config import EvalConfig
 from molf.eval.runner import evaluate_task
 
-# Errors that mean bad input (a flag value, a path, a record), printed as one line by ``cli``.
-USER_ERRORS = (ValueError, FileNotFoundError)
+# Errors that mean bad input (a flag value, a path, a record, a model that cannot be loaded), printed as
+# one line by ``cli``.
+USER_ERRORS = (ValueError, OSError)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # CLI flags copied onto the config when given (None means "keep the run's value or the default").
 OVERRIDES = ("data_path", "eval_data_path", "num_train_samples", "max_seq_length", "med_answer_index_base",
@@ -87,16 +88,22 @@ def build_config(args: argparse.Namespace):
 
 
 def check_inputs(args: argparse.Namespace, cfg) -> None:
-    """Fail before any model is loaded when the checkpoint directory or the evaluation data is not
-    there, or the results CSV has a header its row cannot be appended under."""
+    """Fail before any model is loaded when the checkpoint directory, a tokenizer path or the evaluation
+    data is not there, or the results CSV has a header its row cannot be appended under."""
     from molf.data.builder import eval_source
     from molf.data.io import resolve_split_file
     from molf.eval.results import check_task_file
+    from molf.model.load import check_model_paths
     from molf.model.tiny import is_tiny_name
 
     if not is_tiny_name(args.model):
         check_checkpoint(args.model)
-    path, split = eval_source(cfg)
+    check_model_paths(None, args.tokenizer, flags=("model", "tokenizer"))
+    try:
+        path, split = eval_source(cfg)
+    except ValueError:  # its message names train.py's flags
+        raise ValueError(f"--train_data_path {cfg.data_path} is a local file and no --data_path says what to "
+                         f"evaluate {args.task} on: pass the evaluation file or directory with --data_path") from None
     if path is not None:
         resolve_split_file(Path(path), split)
     check_task_file(cfg.results_dir, args.task)
@@ -129,7 +136,7 @@ def cli(argv: Optional[Sequence[str]] = None) -> int:
 def _report(err: Exception, status: int) -> int:
     if os.environ.get("MOLF_TRACEBACK") == "1":
         raise err
-    print(f"error: {err} (MOLF_TRACEBACK=1 shows where it was raised)", file=sys.stderr)
+    print(f"error: {' '.join(str(err).split())} (MOLF_TRACEBACK=1 shows where it was raised)", file=sys.stderr)
     return status
 
 

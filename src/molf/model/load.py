@@ -34,16 +34,26 @@ def vendored_tokenizer_dir() -> Path:
     )
 
 
-def check_model_paths(model_name_or_path: Optional[str], tokenizer_name_or_path: Optional[str] = None) -> None:
-    """Fail early when a model or tokenizer reference is written as a path (``/``, ``./``, ``../``,
-    ``~``) and nothing is there; hub ids and ``tiny-*`` names are left to the loaders.
+def check_model_paths(model_name_or_path: Optional[str], tokenizer_name_or_path: Optional[str] = None,
+                      flags: tuple[str, str] = ("model_name_or_path", "tokenizer_name_or_path")) -> None:
+    """Fail early when a model or tokenizer reference is a local path and nothing is there; hub ids and
+    ``tiny-*`` names are left to the loaders. A reference is a local path when it starts with ``/``,
+    ``./``, ``../`` or ``~``, has more than one ``/`` (a hub id is ``name`` or ``org/name``), or its first
+    part is a directory here (``ckpts/run`` with a ``ckpts`` directory).
 
     Raises:
-        FileNotFoundError: names the flag and the missing path.
+        FileNotFoundError: names the flag (``flags``: the two flag names) and the missing path.
     """
-    for flag, value in (("model_name_or_path", model_name_or_path), ("tokenizer_name_or_path", tokenizer_name_or_path)):
-        if value is not None and value.startswith(("/", "./", "../", "~")) and not Path(value).expanduser().exists():
+    for flag, value in zip(flags, (model_name_or_path, tokenizer_name_or_path)):
+        if value is not None and is_local_reference(value) and not Path(value).expanduser().exists():
             raise FileNotFoundError(f"--{flag} {value} does not exist; pass an existing directory or a hub id")
+
+
+def is_local_reference(value: str) -> bool:
+    """Whether a model or tokenizer reference names a local path rather than a hub id (see above)."""
+    if value.startswith(("/", "./", "../", "~")) or value.count("/") > 1:
+        return True
+    return "/" in value and Path(value.split("/")[0]).is_dir()
 
 
 def load_tokenizer(model_name_or_path: str, tokenizer_name_or_path: Optional[str] = None):

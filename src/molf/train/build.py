@@ -165,7 +165,7 @@ def resolve_resume(cfg: Any) -> Optional[str]:
     """The checkpoint to resume from: the given path, the newest in the run directory (``auto``), or None.
 
     Raises:
-        FileNotFoundError: an explicit checkpoint path that does not exist.
+        FileNotFoundError: an explicit checkpoint path that does not exist or was not saved to the end.
     """
     value = cfg.resume_from_checkpoint
     if value is None:
@@ -175,6 +175,10 @@ def resolve_resume(cfg: Any) -> Optional[str]:
     if not Path(value).is_dir():
         raise FileNotFoundError(f"--resume_from_checkpoint {value} is not a directory; give a checkpoint-N "
                                 f"directory or 'auto' for the newest one in the run directory")
+    if not (Path(value) / "trainer_state.json").is_file():
+        raise FileNotFoundError(f"--resume_from_checkpoint {value} is not a complete Trainer checkpoint (no "
+                                "trainer_state.json, which the Trainer writes last); give a checkpoint-N directory "
+                                "that was saved to the end, or 'auto' for the newest such one in the run directory")
     return value
 
 
