@@ -12,6 +12,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from molf._pipes import run_cli
 from molf.analysis.routing_log import read_routing_log, resolve_log_path
 from molf.analysis.routing_plots import plot_routing
 from molf.analysis.routing_stats import format_summary
@@ -39,6 +40,6 @@ def main(argv: list[str] | None = None) -> None:
 
 if __name__ == "__main__":
     try:
-        main()
+        sys.exit(run_cli(main))
     except (ValueError, FileNotFoundError) as err:
         sys.exit(f"error: {err}")
