@@ -114,7 +114,12 @@ def train(cfg: TrainingConfig) -> None:
             cfg.dump_yaml(handle)
     checkpoint = build.resolve_resume(cfg)
     build.align_strategy_with_checkpoint(runtime, trainer.model, checkpoint)
-    trainer.train(resume_from_checkpoint=checkpoint)
+    if checkpoint is not None and build.saved_at_last_step(checkpoint, cfg.run_dir):
+        # The Trainer would take one more step from here; a run killed while saving final/ ends here.
+        say(f"{checkpoint} was saved at the last training step: loading it, no step is left to train")
+        trainer._load_from_checkpoint(checkpoint)
+    else:
+        trainer.train(resume_from_checkpoint=checkpoint)
     if not trainer.is_world_process_zero():
         return
     final, merged = save_final(trainer.model, tokenizer, cfg, runtime)
@@ -168,7 +173,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         say("config is valid")
         return 0
     try:
-        if cfg.only_eval or finished_earlier(cfg):
+        if cfg.only_eval or (not cfg.preflight and finished_earlier(cfg)):
             if not cfg.only_eval:
                 say(f"{cfg.run_dir / 'final'} exists: this run finished training earlier, so it is "
                     + ("evaluated only" if cfg.do_eval else "left as it is (--do_eval False)")

@@ -62,8 +62,9 @@ def test_med_missing_option_names_file_line_field(tmp_path):
 
 def test_data_of_another_task_lists_the_fields_and_points_at_dataset_type():
     [row] = load_file(FIXTURES / "sql" / "sql_create_context.jsonl")[:1]
-    with pytest.raises(MalformedRecordError, match=r"field 'opa' is missing; the row has fields \[.*'question'.*\] "
-                                                   r"\(data of another task\? check --dataset_type, or --task when evaluating\)"):
+    expected = (r"field 'opa' is missing; the row has fields \[.*'question'.*\] "
+                r"\(data of another task\? check --dataset_type, or --task when evaluating\)")
+    with pytest.raises(MalformedRecordError, match=expected):
         med.parse_rows([row], index_base=0)
 
 

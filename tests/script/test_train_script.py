@@ -126,6 +126,37 @@ def test_a_missing_tokenizer_directory_is_refused_before_loading(tmp_path, capsy
     assert not (tmp_path / "runs").exists()
 
 
+def test_resuming_from_the_last_steps_checkpoint_trains_no_extra_step(tmp_path, capsys):
+    # A run killed while writing final/ leaves the checkpoint of its last step; resuming it must give
+    # the final model of the uninterrupted run (the Trainer alone would take one more step).
+    from safetensors.torch import load_file
+
+    argv = flags(tmp_path, "--max_steps", "4", "--clean_ckpt_at_end", "False", "--do_eval", "False",
+                 "--lr_scheduler_type", "constant", "--warm_up_ratio", "0")
+    script = load_script("train")
+    assert script.main(argv) == 0
+    run_dir = next((tmp_path / "runs").iterdir())
+    uninterrupted = load_file(run_dir / "final" / "model.safetensors")
+    (run_dir / "final").rename(tmp_path / "final_before")
+    assert script.main(argv + ["--resume_from_checkpoint", "auto"]) == 0
+    assert "checkpoint-4 was saved at the last training step" in capsys.readouterr().out
+    assert not (run_dir / "checkpoint-5").exists()
+    resumed = load_file(run_dir / "final" / "model.safetensors")
+    assert all(torch.equal(uninterrupted[name], resumed[name]) for name in uninterrupted)
+    steps = [json.loads(line)["step"] for line in open(run_dir / "molf_routing.jsonl") if '"step"' in line]
+    assert max(steps) == 4
+
+
+def test_preflight_of_a_finished_run_counts_and_evaluates_nothing(tmp_path, capsys):
+    script = load_script("train")
+    argv = flags(tmp_path, "--max_steps", "2")
+    assert script.main(argv) == 0
+    rows = (tmp_path / "results" / "med.csv").read_text()
+    assert script.main(argv + ["--preflight", "True", "--resume_from_checkpoint", "auto"]) == 0
+    assert "lora_experts" in capsys.readouterr().out
+    assert (tmp_path / "results" / "med.csv").read_text() == rows  # no second row
+
+
 def test_a_missing_resume_checkpoint_is_refused_before_loading(tmp_path, capsys, monkeypatch):
     script = load_script("train")
     monkeypatch.setattr(script, "train", lambda cfg: pytest.fail("trained before the check"))

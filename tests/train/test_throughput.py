@@ -33,5 +33,31 @@ def test_counts_input_and_label_tokens_and_reduces_once_per_read():
     assert metrics["label_tokens_per_second"] / metrics["tokens_per_second"] == pytest.approx(30 / 48)
     assert metrics["step_time_s"] > 0 and 0 < metrics["peak_memory_gb"] <= peak_memory_gb()
     assert meter.read(step=3, reduce=reduce) == {}  # nothing new since the last read
+    assert not meter.started  # the trainer restarts the clock with the next micro-batch
+    meter.start(step=3)
     meter.update(batch(rows=1, length=4, pad=0, prompt=1))
     assert meter.read(step=4, reduce=lambda c: c)["tokens_per_second"] > 0
+
+
+def test_time_between_pause_and_resume_and_after_a_read_is_not_counted(monkeypatch):
+    import molf.train.throughput as throughput
+
+    now = [0.0]
+    monkeypatch.setattr(throughput.time, "perf_counter", lambda: now[0])
+    meter = ThroughputMeter()
+    meter.start(step=0)
+    meter.update(batch(rows=1, length=10, pad=0, prompt=0))
+    now[0] = 1.0
+    meter.pause()  # a checkpoint is written from t=1 to t=3
+    now[0] = 3.0
+    meter.resume()
+    now[0] = 4.0
+    metrics = meter.read(step=2, reduce=lambda c: c)
+    assert metrics["step_time_s"] == pytest.approx(1.0) and metrics["tokens_per_second"] == pytest.approx(5.0)
+    now[0] = 10.0  # saving and anything else between the log line and the next micro-batch
+    meter.start(step=2)
+    meter.update(batch(rows=1, length=10, pad=0, prompt=0))
+    now[0] = 12.0
+    meter.pause()  # a pause still open at the read ends there
+    now[0] = 13.0
+    assert meter.read(step=3, reduce=lambda c: c)["step_time_s"] == pytest.approx(2.0)

@@ -119,6 +119,9 @@ def test_rebuild_optimizer_keeps_scheduler_position(tmp_path, tokenizer):
     # Linear decay from 1e-3 over 6 steps: the rebuilt optimizer continues at step 3's factor.
     assert callback.lrs[3] == [pytest.approx(1e-3 * 3 / 6)] * len(callback.lrs[3])
     assert trainer.lr_scheduler.optimizer is trainer.torch_optimizer
+    # The old optimizer (and its moments) is let go: accelerate and the callbacks hold the new one only.
+    assert trainer.accelerator._optimizers == [trainer.optimizer]
+    assert trainer.callback_handler.optimizer is trainer.optimizer
     in_optimizer = {id(p) for g in trainer.torch_optimizer.param_groups for p in g["params"]}
     for name, p in trainer.model.named_parameters():
         assert (id(p) in in_optimizer) == (".mlp." in name), name
@@ -215,6 +218,44 @@ def test_nan_weights_are_caught_before_a_save_even_with_a_finite_loss(tmp_path, 
     with pytest.raises(FloatingPointError, match="1 trainable tensor\\(s\\) hold NaN/inf"):
         trainer.train()
     assert not list(cfg.run_dir.glob("checkpoint-*"))
+
+
+@pytest.mark.parametrize("save_strategy", ["epoch", "no"])
+def test_nan_weights_are_caught_before_an_epoch_save_and_at_the_end(save_strategy, tmp_path, tokenizer):
+    # No log or step-save falls on the bad step: the epoch's checkpoint (or, with no saving, the end of
+    # training, before the caller saves the final model) is where it must be caught.
+    cfg = make_cfg(tmp_path, "fft", max_steps=2, logging_steps=10, save_strategy=save_strategy)
+    model = small_model()
+    trainer = train(cfg, model, tokenizer, start=False)
+
+    class PoisonAfterStep(TrainerCallback):
+        def on_optimizer_step(self, args, state, control, **kwargs):
+            if state.global_step == 1:
+                with torch.no_grad():
+                    model.model.norm.weight[0] = float("nan")
+
+    trainer.add_callback(PoisonAfterStep())
+    with pytest.raises(FloatingPointError, match="1 trainable tensor\\(s\\) hold NaN/inf"):
+        trainer.train()
+    assert not list(cfg.run_dir.glob("checkpoint-*"))
+
+
+def test_checkpoint_saving_is_not_counted_in_the_step_time(tmp_path, tokenizer, monkeypatch):
+    import time
+
+    cfg = make_cfg(tmp_path, "fft", max_steps=6, logging_steps=2, save_strategy="steps", save_steps=1,
+                   save_total_limit=None)
+    trainer = train(cfg, small_model(), tokenizer, start=False)
+    real_save = trainer._save_checkpoint
+
+    def slow_save(*args, **kwargs):  # every step saves: odd ones without a log line, even ones after it
+        real_save(*args, **kwargs)
+        time.sleep(0.5)
+
+    monkeypatch.setattr(trainer, "_save_checkpoint", slow_save)
+    trainer.train()
+    times = [entry["step_time_s"] for entry in trainer.state.log_history if "step_time_s" in entry]
+    assert len(times) == 3 and max(times) < 0.25, times
 
 
 def test_a_zero_gradient_norm_is_warned_once(tmp_path, tokenizer, caplog):

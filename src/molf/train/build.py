@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Any, Iterable, Optional
@@ -180,6 +181,21 @@ def resolve_resume(cfg: Any) -> Optional[str]:
                                 "trainer_state.json, which the Trainer writes last); give a checkpoint-N directory "
                                 "that was saved to the end, or 'auto' for the newest such one in the run directory")
     return value
+
+
+def saved_at_last_step(checkpoint: str, run_dir: Path) -> bool:
+    """Whether ``checkpoint`` is one of this run directory's and was saved after the run's last
+    optimizer step (its ``trainer_state.json`` has ``global_step >= max_steps``). A checkpoint from
+    elsewhere may belong to a shorter run, so it is never taken as finished."""
+    path = Path(checkpoint)
+    if path.resolve().parent != Path(run_dir).resolve():
+        return False
+    try:
+        state = json.loads((path / "trainer_state.json").read_text())
+    except (OSError, ValueError):
+        return False
+    max_steps = state.get("max_steps") or 0
+    return max_steps > 0 and (state.get("global_step") or 0) >= max_steps
 
 
 def last_complete_checkpoint(run_dir: Path) -> Optional[str]:

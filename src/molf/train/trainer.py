@@ -41,6 +41,7 @@ class MoLFTrainer(Trainer):
         # Micro-batches with a non-finite loss since the last check (on the device: no sync per step).
         self._nonfinite_losses: Optional[torch.Tensor] = None
         self.add_callback(DivergenceGuard(self))
+        self.add_callback(SaveTimeExcluder(self.throughput))
         if strategy_runtime is not None:
             self.add_callback(StrategyCallback(self))
 
@@ -57,9 +58,15 @@ class MoLFTrainer(Trainer):
         groups get ``initial_lr`` = their configured lr and ``lr`` = ``initial_lr * lambda(step)``.
         The new optimizer is prepared by accelerate like the first one. Moments start from zero.
         """
-        self.optimizer = None
+        old, self.optimizer = self.optimizer, None
         raw = self.create_optimizer()
+        if old is not None:  # let the old optimizer and its moments go: accelerate keeps a list of them
+            prepared = getattr(self.accelerator, "_optimizers", None)
+            if prepared is not None and old in prepared:
+                prepared.remove(old)
+            unwrap_optimizer(old).state.clear()
         self.optimizer = self.accelerator.prepare_optimizer(raw)
+        self.callback_handler.optimizer = self.optimizer
         if self.lr_scheduler is not None:
             _repoint_scheduler(self.lr_scheduler, raw)
         return self.optimizer
@@ -164,10 +171,10 @@ class MoLFTrainer(Trainer):
 
 
 class DivergenceGuard(TrainerCallback):
-    """Stops training with a clear error once a loss (or, before a save, a trainable weight) is NaN/inf,
-    and warns (once) when a logged gradient norm is exactly zero: no trainable parameter got any
-    gradient, which is what a run that blew up to huge but finite weights looks like (saturated
-    activations, a loss stuck near ln(vocab))."""
+    """Stops training with a clear error once a loss (or, before a save and at the end of training, a
+    trainable weight) is NaN/inf, and warns (once) when a logged gradient norm is exactly zero: no
+    trainable parameter got any gradient, which is what a run that blew up to huge but finite weights
+    looks like (saturated activations, a loss stuck near ln(vocab))."""
 
     def __init__(self, trainer: MoLFTrainer) -> None:
         self.trainer = trainer
@@ -178,6 +185,15 @@ class DivergenceGuard(TrainerCallback):
         if control.should_log or control.should_save:
             self.trainer.check_finite(state.global_step, weights=control.should_save)
 
+    def on_epoch_end(self, args, state, control, **kwargs):
+        # Epoch checkpoints are decided here, not at the step's end.
+        if control.should_save:
+            self.trainer.check_finite(state.global_step, weights=True)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        # Before the caller merges and saves the final model, whatever the save strategy.
+        self.trainer.check_finite(state.global_step, weights=True)
+
     def on_log(self, args, state, control, logs=None, **kwargs):
         grad_norm = (logs or {}).get("grad_norm")
         if grad_norm is not None and float(grad_norm) == 0.0 and not self.warned_zero_grad:
@@ -186,6 +202,25 @@ class DivergenceGuard(TrainerCallback):
                            "has probably saturated (a learning rate far too high makes the weights huge but "
                            "finite). Check the loss curve and lower --learning_rate / --lora_learning_rate",
                            state.global_step)
+
+
+class SaveTimeExcluder(TrainerCallback):
+    """Leaves the time spent writing a checkpoint at a step that does not log out of the throughput
+    clock (at a logging step the log line is written first and the clock restarts after the save)."""
+
+    def __init__(self, meter: ThroughputMeter) -> None:
+        self.meter = meter
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if control.should_save:
+            self.meter.pause()
+
+    def on_epoch_end(self, args, state, control, **kwargs):
+        if control.should_save:
+            self.meter.pause()
+
+    def on_save(self, args, state, control, **kwargs):
+        self.meter.resume()
 
 
 class StrategyCallback(TrainerCallback):
