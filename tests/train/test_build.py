@@ -123,7 +123,8 @@ def test_auto_resume_continues_a_checkpoint_or_restarts_an_unfinished_run(tmp_pa
     (auto.run_dir / "checkpoint-4").mkdir(parents=True)  # torn: no trainer_state.json
     (auto.run_dir / "molf_routing.jsonl").write_text("{}\n")
     (auto.run_dir / "final.partial").mkdir()  # killed while saving the final model
-    assert build.outputs_to_clear(auto) == ["checkpoint-4", "final.partial", "molf_routing.jsonl"]
+    (auto.run_dir / "adapter").mkdir()  # ... after its PEFT adapter was written
+    assert build.outputs_to_clear(auto) == ["checkpoint-4", "final.partial", "adapter", "molf_routing.jsonl"]
     assert not build.finished_earlier(auto)
     (auto.run_dir / "checkpoint-2").mkdir()
     (auto.run_dir / "checkpoint-2" / "trainer_state.json").write_text("{}")

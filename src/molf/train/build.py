@@ -13,7 +13,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from molf.train.callbacks import METRICS_FILENAME, JsonMetricsCallback, RoutingLogCallback
 from molf.train.config import MOLF_MODES, RESUME_AUTO, STRATEGY_MODES
-from molf.train.export import FINAL_DIR, STAGING_DIR
+from molf.train.export import ADAPTER_DIR, FINAL_DIR, STAGING_DIR
 from molf.train.routing_log import LOG_FILENAME
 from molf.train.trainer import MoLFTrainer
 
@@ -209,7 +209,7 @@ def last_complete_checkpoint(run_dir: Path) -> Optional[str]:
     return str(max(complete, key=lambda path: int(path.name.split("-")[-1]))) if complete else None
 
 
-RUN_OUTPUTS = (FINAL_DIR, STAGING_DIR, LOG_FILENAME, METRICS_FILENAME)
+RUN_OUTPUTS = (FINAL_DIR, STAGING_DIR, ADAPTER_DIR, LOG_FILENAME, METRICS_FILENAME)
 
 
 def existing_run_outputs(run_dir: Path) -> list[str]:
