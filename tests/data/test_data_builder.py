@@ -62,6 +62,41 @@ def test_csv_parquet_json_load_the_same_rows(tmp_path, tokenizer):
         assert dataset["input_ids"] == reference["input_ids"], name
 
 
+def test_files_with_a_byte_order_mark_load_like_those_without(tmp_path, tokenizer):
+    text = (FIXTURES / "med" / "train.jsonl").read_text(encoding="utf-8")
+    (tmp_path / "train.jsonl").write_text(text, encoding="utf-8-sig")
+    records = [row.fields for row in load_file(FIXTURES / "med" / "train.jsonl")]
+    pd.DataFrame(records).to_csv(tmp_path / "train.csv", index=False, encoding="utf-8-sig")
+    (tmp_path / "train.json").write_text(json.dumps(records), encoding="utf-8-sig")
+    reference = build_train_dataset(_cfg(dataset_type="med", data_path=str(FIXTURES / "med" / "train.jsonl")),
+                                    tokenizer, 0)
+    for name in ("train.jsonl", "train.csv", "train.json"):
+        dataset = build_train_dataset(_cfg(dataset_type="med", data_path=str(tmp_path / name)), tokenizer, 0)
+        assert dataset["input_ids"] == reference["input_ids"], name
+
+
+def test_a_null_parquet_cell_is_an_empty_field_not_the_text_nan(tmp_path):
+    records = [row.fields for row in load_file(FIXTURES / "med" / "train.jsonl")][:3]
+    records[1]["opa"] = None
+    pd.DataFrame(records).to_parquet(tmp_path / "train.parquet")
+    assert load_file(tmp_path / "train.parquet")[1].fields["opa"] is None
+    with pytest.raises(ValueError, match="train.parquet row 1: field 'opa' is empty"):
+        load_examples(_cfg(dataset_type="med", data_path=str(tmp_path / "train.parquet")), "train")
+
+
+def test_counterfact_parquet_with_list_columns_loads_like_its_jsonl(tmp_path):
+    # The original CounterFact layout: list columns, which parquet readers give back as numpy arrays.
+    records = [{"case_id": i, "requested_rewrite": {"prompt": "The mother tongue of {} is", "subject": f"Person {i}",
+                                                    "target_new": {"str": "English"}, "target_true": {"str": "French"}},
+                "paraphrase_prompts": [f"p{i} one", f"p{i} two"], "neighborhood_prompts": ["n1", "n2"]}
+               for i in range(3)]
+    (tmp_path / "cf.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    pd.DataFrame(records).to_parquet(tmp_path / "cf.parquet")
+    from_parquet = load_examples(_cfg(dataset_type="fact", data_path=str(tmp_path / "cf.parquet")), "train")
+    assert from_parquet == load_examples(_cfg(dataset_type="fact", data_path=str(tmp_path / "cf.jsonl")), "train")
+    assert from_parquet[2].rephrase_prompts == ("p2 one", "p2 two")
+
+
 def test_max_seq_length_drops_rows_whose_target_cannot_fit(tokenizer, caplog):
     cfg = _cfg(dataset_type="sql", data_path=str(FIXTURES / "sql" / "gretel_train.jsonl"), max_seq_length=40)
     dataset = build_train_dataset(cfg, tokenizer, seed=0)

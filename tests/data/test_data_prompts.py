@@ -39,7 +39,7 @@ def test_med_zero_cop_under_one_based_flag_is_an_error():
         med.parse_rows([row], index_base=1)
 
 
-@pytest.mark.parametrize("cop, letter", [(2, "C"), ("2", "C"), (2.0, "C")])
+@pytest.mark.parametrize("cop, letter", [(2, "C"), ("2", "C"), (2.0, "C"), ("2.0", "C"), (" 3 ", "D")])
 def test_med_answer_index_accepts_whole_numbers(cop, letter):
     row = Row({"question": "Q?", "opa": "w", "opb": "x", "opc": "y", "opd": "z", "cop": cop}, "f.jsonl:1")
     assert med.parse_rows([row], index_base=0)[0].answer == letter

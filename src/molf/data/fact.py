@@ -14,7 +14,7 @@ The hub default is ``azhx/counterfact`` (the original layout, train split of 19,
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Any, Optional
 
 from molf.data.io import MalformedRecordError, Row, require
 
@@ -52,10 +52,17 @@ def _prompt_list(row: Row, field: str) -> tuple[str, ...]:
     value = row.fields.get(field)
     if value is None:
         return ()
-    values = [value] if isinstance(value, str) else list(value) if isinstance(value, (list, tuple)) else None
+    # Parquet readers give list cells as numpy arrays: any non-string sequence of strings will do.
+    values = [value] if isinstance(value, str) else list(value) if _is_sequence(value) else None
     if values is None or not all(isinstance(item, str) for item in values):
         raise MalformedRecordError(f"{row.where}: field {field!r} must be a string or a list of strings")
     return tuple(item.strip() for item in values if item.strip())
+
+
+def _is_sequence(value: Any) -> bool:
+    if isinstance(value, (list, tuple)):
+        return True
+    return hasattr(value, "__len__") and hasattr(value, "__iter__") and not isinstance(value, (str, bytes, dict))
 
 
 def _example(prompt: str, subject: str, new: str, true: str, rephrase, locality, locality_truth) -> FactExample:

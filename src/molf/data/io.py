@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,13 +40,24 @@ def require(row: Row, field: str) -> Any:
         raise MalformedRecordError(f"{row.where}: field {field!r} is missing; the row has fields {sorted(row.fields)} "
                                    "(data of another task? check --dataset_type, or --task when evaluating)")
     value = row.fields[field]
-    if value is None or (isinstance(value, str) and not value.strip()):
+    if _is_empty(value):
         raise MalformedRecordError(f"{row.where}: field {field!r} is empty")
     return value
 
 
+def _is_empty(value: Any) -> bool:
+    """None, a blank string, or a float NaN (a null cell as pandas reads it, ``NaN`` in JSON)."""
+    return (value is None or (isinstance(value, str) and not value.strip())
+            or (isinstance(value, float) and math.isnan(value)))
+
+
 def has_fields(row: Row, *fields: str) -> bool:
-    return all(row.fields.get(name) is not None for name in fields)
+    """Whether every field is present (a blank string counts, a None or NaN cell does not)."""
+    return all(_present(row.fields.get(name)) for name in fields)
+
+
+def _present(value: Any) -> bool:
+    return value is not None and not (isinstance(value, float) and math.isnan(value))
 
 
 def load_rows(path: Optional[str], split: str, hub_id: str, hub_split: str) -> list[Row]:
@@ -95,7 +107,7 @@ def load_file(path: Path) -> list[Row]:
 
 def _load_jsonl(path: Path) -> list[Row]:
     rows = []
-    with path.open(encoding="utf-8") as handle:
+    with path.open(encoding="utf-8-sig") as handle:  # -sig: a leading byte-order mark is skipped
         for line_number, line in enumerate(handle, start=1):
             if not line.strip():
                 continue
@@ -110,7 +122,7 @@ def _load_jsonl(path: Path) -> list[Row]:
 
 
 def _load_json(path: Path) -> list[Row]:
-    text = path.read_text(encoding="utf-8")
+    text = path.read_text(encoding="utf-8-sig")
     try:
         data = json.loads(text)
     except json.JSONDecodeError:
@@ -127,11 +139,12 @@ def _load_parquet(path: Path) -> list[Row]:
     import pandas as pd
 
     frame = pd.read_parquet(path)
-    return [Row(record, f"{path} row {index}") for index, record in enumerate(frame.to_dict("records"))]
+    records = frame.astype(object).where(frame.notna(), None).to_dict("records")  # null cells: None, not NaN
+    return [Row(record, f"{path} row {index}") for index, record in enumerate(records)]
 
 
 def _load_csv(path: Path) -> list[Row]:
-    with path.open(encoding="utf-8", newline="") as handle:
+    with path.open(encoding="utf-8-sig", newline="") as handle:
         # Line 1 is the header, so data row i sits on line i + 2 (for rows without embedded newlines).
         return [Row(dict(record), f"{path}:{index + 2}") for index, record in enumerate(csv.DictReader(handle))]
 

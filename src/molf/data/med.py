@@ -45,12 +45,12 @@ def answer_letter(row: Row, index_base: int) -> str:
     raw = require(row, "cop")
     # An index written as text ("2") or as a whole float (2.0, as CSV/parquet readers give) is fine;
     # 2.7 or a boolean is a broken record, not a guess.
-    whole = ((isinstance(raw, str) and re.fullmatch(r"\s*[+-]?\d+\s*", raw) is not None)
+    whole = ((isinstance(raw, str) and re.fullmatch(r"\s*[+-]?\d+(\.0*)?\s*", raw) is not None)
              or (isinstance(raw, float) and raw.is_integer())
              or (isinstance(raw, numbers.Integral) and not isinstance(raw, bool)))
     if not whole:
         raise MalformedRecordError(f"{row.where}: field 'cop' must be an integer answer index, got {raw!r}")
-    cop = int(raw)
+    cop = int(float(raw)) if isinstance(raw, str) else int(raw)
     index = cop - index_base
     if not 0 <= index < len(LETTERS):
         hint = ""
