@@ -361,6 +361,46 @@ def test_an_expert_with_a_gradient_on_only_some_tensors_is_not_scored(path):
     assert torch.isfinite(optimizer.last_routing.scores[row, lora])
 
 
+@PATHS
+def test_a_non_finite_gradient_on_half_an_expert_leaves_its_weights_and_resets_it(path):
+    # The expert is scored out (a gradient on only some tensors); its NaN must not reach the weights on
+    # any path (the pre-pass path's lr = 0 kernel would write p - 0 * nan).
+    model = _molf_model(ranks=(4,))
+    optimizer = _optimizer_after_backward(model, path)
+    name, module = molf_modules(model)[0]
+    module.lora_A[0].grad = None
+    module.lora_B[0].grad[0, 0] = float("nan")
+    before = module.lora_B[0].detach().clone()
+    optimizer.step()
+    assert torch.equal(module.lora_B[0], before)
+    state = optimizer.state[module.lora_B[0]]
+    assert state["step"] == 0 and not state["exp_avg"].any() and not state["exp_avg_sq"].any()
+    assert optimizer.nonfinite_resets == 1
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_step_counts_keep_counting_when_a_non_native_tensor_lacks_a_gradient():
+    # A non-contiguous expert weight keeps its group off the native kernels; a step where it has no
+    # gradient must not move the rest of the group onto them (step counts would then live in two forms).
+    from torch import nn
+
+    from molf.model.molf_linear import MoLFLinear
+
+    torch.manual_seed(0)
+    first, second = nn.Linear(4, 3), nn.Linear(4, 3)
+    first.weight = nn.Parameter(first.weight.detach().t().contiguous().t())  # non-contiguous fp32 CPU
+    model = nn.Sequential(MoLFLinear(first, [2], [16.0]), MoLFLinear(second, [2], [16.0]))
+    optimizer = MoLFAdamW(model.parameters(), model, lr=1e-2)
+    for step in range(5):
+        for p in model.parameters():
+            p.grad = torch.randn_like(p)
+        if step in (1, 2):
+            model[0].weight.grad = None
+        optimizer.step()
+    assert float(optimizer.state[model[1].weight]["step"]) == 5
+    assert float(optimizer.state[model[0].weight]["step"]) == 3
+
+
 def test_a_frozen_expert_parameter_is_named():
     model = _molf_model()
     name, module = molf_modules(model)[0]

@@ -300,7 +300,11 @@ class MoLFAdamW(Optimizer):
                 self.state[p].update(step=0.0, exp_avg=torch.zeros_like(p, memory_format=torch.preserve_format),
                                      exp_avg_sq=torch.zeros_like(p, memory_format=torch.preserve_format))
         states = [self.state[p] for p in params]
-        use_native = is_expert and self.fused and self._native_bucket(params, device)
+        # Decided over all of the group's tensors of this kind, not only those with a gradient this step:
+        # a subset may pass where the whole does not, and the two would keep the step count in two forms.
+        kind = [q for q in self.param_groups[gi]["params"]
+                if q.device == device and q.dtype == params[0].dtype and (id(q) in self._experts.cell_of) == is_expert]
+        use_native = is_expert and self.fused and self._native_bucket(kind, device)
         tensor_steps = self.fused and not use_native  # the native kernels take host numbers, like foreach
         for state, p in zip(states, params):  # the step's type follows the path (also after a load)
             state["step"] = _as_step(state["step"], p.device, tensor_steps)
@@ -434,8 +438,12 @@ class MoLFAdamW(Optimizer):
         winners = select_topk(scores, self.topk)
         self.last_routing = RoutingDecision(scores, winners, self.module_names, self.expert_names,
                                             self.param_groups[0]["molf_step"])
+        # Non-finite: a live expert's score, or the sums of an expert scored out this step (a gradient on
+        # only some of its tensors, one of them NaN/inf): its moments are reset and, on the fused pre-pass
+        # path, its tensors are kept out of the lr = 0 kernel, where p - 0 * nan would write NaN into p.
+        bad = (live & ~torch.isfinite(scores)) | ~torch.isfinite(sums.view(numel.shape))
         # The one host-device sync of the step: winners and non-finite flags travel together.
-        host = torch.stack([winners, live & ~torch.isfinite(scores)]).cpu().numpy().reshape(2, -1)
+        host = torch.stack([winners, bad]).cpu().numpy().reshape(2, -1)
         return host[0], host[1]
 
     def _live(self, buckets: list[_Bucket], device: torch.device) -> Tensor:
