@@ -40,6 +40,15 @@ def _memory_example(context: str, gold: str = "SELECT 1") -> SQLExample:
     ("SELECT /* ; */ a FROM t; SELECT 2", "SELECT /* ; */ a FROM t"),
     ("SELECT * FROM t;\n```", "SELECT * FROM t"),
     ("SELECT * FROM t\n```\n\nExplanation of the query", "SELECT * FROM t"),
+    # keywords inside comments or prose do not start the query
+    ("-- Select the names\nSELECT name FROM t;", "SELECT name FROM t"),
+    ("/* Query with a filter */ SELECT a FROM t WHERE a > 1", "SELECT a FROM t WHERE a > 1"),
+    ("Here is the query with a join: SELECT a FROM t", "SELECT a FROM t"),
+    ("select name\nfrom t\nwhere a > 1", "select name\nfrom t\nwhere a > 1"),
+    # an inline fence whose first word is the query, not a language tag
+    ("Sure! ```SELECT a FROM t```", "SELECT a FROM t"),
+    # prose after a query without ';'
+    ("SELECT name FROM t\nWHERE a > 1\nThis query selects the names.", "SELECT name FROM t\nWHERE a > 1"),
 ])
 def test_extract_first_complete_statement(generated, expected):
     assert extract_sql(generated) == expected
@@ -80,7 +89,7 @@ def test_order_matters_only_with_gold_order_by():
 def test_each_query_gets_a_fresh_database():
     example = _memory_example("CREATE TABLE t (a INT); INSERT INTO t VALUES (1);")
     assert run_query(example, "DELETE FROM t", 5.0) == (QueryResult([("t", "<columns>", "a")], changes_data=True), None)
-    assert run_query(example, "SELECT a FROM t", 5.0) == (QueryResult([(1,)]), None)
+    assert run_query(example, "SELECT a FROM t", 5.0) == (QueryResult([(1,)], columns=1), None)
 
 
 def test_data_changing_gold_is_judged_by_the_data_it_leaves():
@@ -96,7 +105,7 @@ def test_spider_database_is_read_only():
     [example] = _examples("spider_dev.jsonl")[:1]
     result, error = run_query(example, "DELETE FROM singer", 5.0)
     assert result is None and "readonly" in error.replace(" ", "").lower()
-    assert run_query(example, "SELECT count(*) FROM singer", 5.0)[0] == QueryResult([(6,)])
+    assert run_query(example, "SELECT count(*) FROM singer", 5.0)[0] == QueryResult([(6,)], columns=1)
 
 
 def test_runaway_query_hits_the_time_limit():
@@ -119,3 +128,20 @@ def test_missing_spider_databases_are_named_before_any_generation(tmp_path):
              for e in examples[:2]]
     with pytest.raises(FileNotFoundError, match=r"2 eval rows .*gone.sqlite \(2 rows\).*--spider_databases_dir"):
         check_databases(examples + moved)
+
+
+def test_a_prediction_of_comments_only_is_no_valid_query():
+    example = _memory_example("CREATE TABLE t (a INT);", gold="DELETE FROM t WHERE a = 5")
+    score = score_prediction(example, extract_sql("-- I am not sure"), timeout_s=5.0)
+    assert not score.valid and score.executed_match is False and score.error == "empty prediction"
+
+
+def test_empty_results_of_different_widths_do_not_match():
+    example = _memory_example("CREATE TABLE t (a INT, b INT);", gold="SELECT a, b FROM t")
+    assert score_prediction(example, "SELECT a, b FROM t WHERE a > 0", 5.0).executed_match
+    assert not score_prediction(example, "SELECT 1 WHERE 0", 5.0).executed_match
+
+
+def test_logic_match_ignores_comments():
+    example = _memory_example("CREATE TABLE t (a INT);", gold="SELECT a FROM t")
+    assert score_prediction(example, "SELECT a FROM t -- all of them", 5.0).logic

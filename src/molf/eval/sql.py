@@ -29,8 +29,14 @@ from molf.data.sql import SQLExample
 
 logger = logging.getLogger(__name__)
 
-_FENCE = re.compile(r"```[A-Za-z]*[ \t]*\n?(.*?)(?:```|$)", re.S)
-_SQL_START = re.compile(r"\b(WITH|SELECT|INSERT|UPDATE|DELETE|REPLACE|CREATE|DROP|ALTER|PRAGMA|VALUES)\b", re.I)
+_KEYWORDS = "WITH|SELECT|INSERT|UPDATE|DELETE|REPLACE|CREATE|DROP|ALTER|PRAGMA|VALUES"
+# A fence's language tag is a word that is not itself the query's first keyword (```SELECT a FROM t```).
+_FENCE = re.compile(rf"```(?:(?![ \t]*(?i:{_KEYWORDS})\b)[A-Za-z]*)?[ \t]*\n?(.*?)(?:```|$)", re.S)
+_SQL_START = re.compile(rf"\b({_KEYWORDS})\b", re.I)
+_COMMENT = re.compile(r"--[^\n]*|/\*.*?(?:\*/|$)", re.S)
+# A line of prose after the query ("This query lists the names."): a capitalised word, two more words,
+# a closing '.', ':' or '!'. SQL lines do not look like that (keywords are upper or lower case).
+_PROSE_LINE = re.compile(r"[A-Z][a-z]+(?:\s+\S+){2,}[.:!]")
 _OPENING_PARENS = re.compile(r"(?:\(\s*)+$")  # "(" / "( (" right before the first keyword
 _CLOSING_QUOTE = {"'": "'", '"': '"', "`": "`", "[": "]"}
 # A runaway result (e.g. an accidental cross join) is cut here; it cannot match a sane gold result anyway.
@@ -70,15 +76,43 @@ def extract_sql(generated: str) -> str:
     subqueries, CTEs, UNION and INSERT ... SELECT stay whole. A fenced code block is read instead
     when it opens before the first keyword; a fence after the query just ends it.
     """
-    fenced, keyword = _FENCE.search(generated), _SQL_START.search(generated)
+    fenced, keyword = _FENCE.search(generated), _sql_start(generated)
     use_fence = fenced is not None and (keyword is None or fenced.start() < keyword.start())
     text = fenced.group(1) if use_fence else generated
-    start = _SQL_START.search(text) if use_fence else keyword
+    start = _sql_start(text) if use_fence else keyword
     if start is None:
         return text.strip()
     opening = _OPENING_PARENS.search(text, 0, start.start())
     begin = opening.start() if opening else start.start()
-    return _first_statement(text[begin:]).strip()
+    return _without_trailing_prose(_first_statement(text[begin:])).strip()
+
+
+def _sql_start(text: str) -> Optional[re.Match]:
+    """The keyword the query starts at: the first outside comments that is upper case or begins its
+    line (so the "with" of "a query with a join: SELECT ..." is passed over), else the first outside
+    comments."""
+    comments = [match.span() for match in _COMMENT.finditer(text)]
+    candidates = [m for m in _SQL_START.finditer(text) if not any(a <= m.start() < b for a, b in comments)]
+    for match in candidates:
+        line_start = text.rfind("\n", 0, match.start()) + 1
+        if match.group().isupper() or not text[line_start:match.start()].strip(" \t("):
+            return match
+    return candidates[0] if candidates else None
+
+
+def _without_trailing_prose(statement: str) -> str:
+    """The statement cut before its first line of prose (after the first line), for a generation that
+    ends its query without a ';' and goes on explaining it."""
+    lines = statement.split("\n")
+    for index in range(1, len(lines)):
+        if _PROSE_LINE.fullmatch(lines[index].strip()):
+            return "\n".join(lines[:index])
+    return statement
+
+
+def has_code(query: str) -> bool:
+    """Whether anything but comments, ';' and whitespace is left in ``query``."""
+    return bool(_COMMENT.sub("", query).strip(" \t\r\n;"))
 
 
 def _connect(example: SQLExample, deadline: float) -> sqlite3.Connection:
@@ -103,6 +137,7 @@ class QueryResult:
 
     rows: list[tuple]
     changes_data: bool = False
+    columns: int = 0  # of a result set: two empty results of different widths are different answers
 
 
 def _database_contents(connection: sqlite3.Connection) -> list[tuple]:
@@ -126,7 +161,7 @@ def run_query(example: SQLExample, query: str, timeout_s: float) -> tuple[Option
         cursor = connection.execute(query)
         if cursor.description is None:  # UPDATE, INSERT, DELETE, CREATE, ...: judged by the data it leaves
             return QueryResult(_database_contents(connection), changes_data=True), None
-        return QueryResult(cursor.fetchmany(MAX_RESULT_ROWS)), None
+        return QueryResult(cursor.fetchmany(MAX_RESULT_ROWS), columns=len(cursor.description)), None
     except FileNotFoundError:
         raise
     except (sqlite3.Error, sqlite3.Warning, ValueError, OverflowError) as error:
@@ -148,7 +183,7 @@ def gold_is_ordered(gold: str) -> bool:
 
 def results_match(gold: QueryResult, predicted: QueryResult, ordered: bool) -> bool:
     """Same kind of result and the same rows: in order when ``ordered``, else as multisets."""
-    if gold.changes_data != predicted.changes_data:
+    if gold.changes_data != predicted.changes_data or gold.columns != predicted.columns:
         return False
     if ordered and not gold.changes_data:
         return list(gold.rows) == list(predicted.rows)
@@ -168,7 +203,7 @@ def canonical_sql(query: str) -> Optional[str]:
         return None
     if tree is None or isinstance(tree, exp.Command):
         return None
-    return tree.sql(dialect="sqlite", normalize=True)
+    return tree.sql(dialect="sqlite", normalize=True, comments=False)
 
 
 @dataclass
@@ -182,7 +217,8 @@ class SQLScore:
 
 def score_prediction(example: SQLExample, predicted: str, timeout_s: float) -> SQLScore:
     gold, gold_error = run_query(example, example.target, timeout_s)
-    result, error = run_query(example, predicted, timeout_s) if predicted else (None, "empty prediction")
+    # A prediction of comments only would run as a no-op; it is no query.
+    result, error = run_query(example, predicted, timeout_s) if has_code(predicted) else (None, "empty prediction")
     matched = None
     if gold_error is None:
         matched = result is not None and results_match(gold, result, gold_is_ordered(example.target))
