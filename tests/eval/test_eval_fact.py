@@ -94,3 +94,26 @@ def test_batch_size_does_not_change_scores():
     one = score_fact(BigramStub(_table()), WordTokenizer(), examples, batch_size=1)
     many = score_fact(BigramStub(_table()), WordTokenizer(), examples, batch_size=16)
     assert one == pytest.approx(many, nan_ok=True)
+
+
+def test_rewrite_prompts_are_cut_as_training_cut_them(tokenizer, monkeypatch):
+    # Training cuts a rewrite prompt to what max_seq_length leaves beside " " + target_new + EOS;
+    # scoring must see that same prompt, not one cut to max_seq_length alone.
+    import molf.eval.fact as fact_eval
+    from molf.data.encoding import IGNORE_INDEX, encode_example
+
+    example = FactExample(prompt="The mother tongue of Danielle Darrieux is", target=" English",
+                          subject="Danielle Darrieux", target_new="English", target_true="French",
+                          rephrase_prompts=(), locality_prompts=(), locality_ground_truth=None)
+    seen = []
+
+    def capture(model, pairs, batch_size, pad_id):
+        seen.extend(prompt for prompt, _ in pairs)
+        return torch.zeros(len(pairs)), torch.zeros(len(pairs))
+
+    monkeypatch.setattr(fact_eval, "target_logprobs", capture)
+    score_fact(nn.Identity(), tokenizer, [example], batch_size=2, max_length=8)
+    trained = encode_example(tokenizer, example.prompt, example.target, max_seq_length=8)
+    trained_prompt = [i for i, label in zip(trained["input_ids"], trained["labels"]) if label == IGNORE_INDEX]
+    assert trained["prompt_tokens_cut"] > 0  # the limit does cut this prompt
+    assert seen == [trained_prompt, trained_prompt]  # target_new and target_true pairs

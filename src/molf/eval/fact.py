@@ -17,6 +17,8 @@ Metrics over the rewrites (efficacies, generalization and specificity in %):
   original layout the neighborhood answer is target_true).
 
 Meng et al. compare length-normalised (mean) log-probs; sequence scores here are sums, as DESIGN asks.
+Under ``max_seq_length`` every prompt is cut from the left to what training leaves beside
+" " + target_new + EOS, so the rewrite prompts are scored exactly as they were trained.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from typing import Sequence
 import torch
 from tqdm.auto import tqdm
 
-from molf.data.encoding import encode_prompt
+from molf.data.encoding import encode_prompt, encode_target, prompt_budget
 from molf.data.fact import FactExample
 
 Pair = tuple[list[int], list[int]]  # (prompt ids, target ids)
@@ -63,19 +65,27 @@ def target_logprobs(model, pairs: Sequence[Pair], batch_size: int, pad_id: int) 
     return torch.cat(first), torch.cat(total)
 
 
-def _encode_pairs(tokenizer, prompts: Sequence[str], targets: Sequence[str], max_length) -> list[Pair]:
-    return [(encode_prompt(tokenizer, prompt, max_length),
-             tokenizer(" " + target, add_special_tokens=False)["input_ids"])
+def _encode_pairs(tokenizer, prompts: Sequence[list[int]], targets: Sequence[str]) -> list[Pair]:
+    return [(prompt, tokenizer(" " + target, add_special_tokens=False)["input_ids"])
             for prompt, target in zip(prompts, targets, strict=True)]
 
 
-def _compare(model, tokenizer, prompts, winners, losers, batch_size, max_length) -> tuple[torch.Tensor, torch.Tensor]:
+def _cut_prompts(tokenizer, prompts: Sequence[str], new_targets: Sequence[str], max_length) -> list[list[int]]:
+    """Prompt ids, each cut to what ``max_length`` leaves beside " " + target_new + EOS: the cut training
+    made to the rewrite prompts, so the evaluation scores the prompts the model was trained on."""
+    return [encode_prompt(tokenizer, prompt, None if max_length is None
+                          else max(prompt_budget(max_length, encode_target(tokenizer, " " + new)), 1))
+            for prompt, new in zip(prompts, new_targets, strict=True)]
+
+
+def _compare(model, tokenizer, prompts, winners, losers, new_targets, batch_size,
+             max_length) -> tuple[torch.Tensor, torch.Tensor]:
     """Per prompt: (first-token, sequence) log-prob differences winner - loser, one forward pass set."""
     if not prompts:
         return torch.empty(0), torch.empty(0)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    pairs = (_encode_pairs(tokenizer, prompts, winners, max_length)
-             + _encode_pairs(tokenizer, prompts, losers, max_length))
+    cut = _cut_prompts(tokenizer, prompts, new_targets, max_length)
+    pairs = _encode_pairs(tokenizer, cut, winners) + _encode_pairs(tokenizer, cut, losers)
     first, total = target_logprobs(model, pairs, batch_size, pad_id)
     n = len(prompts)
     return first[:n] - first[n:], total[:n] - total[n:]
@@ -89,15 +99,17 @@ def score_fact(model, tokenizer, examples: Sequence[FactExample], batch_size: in
     """The six CounterFact metrics (see the module docstring) for ``examples``."""
     was_training = model.training
     model.eval()
-    first, sequence = _compare(model, tokenizer, [e.prompt for e in examples], [e.target_new for e in examples],
-                               [e.target_true for e in examples], batch_size, max_length)
+    new = [e.target_new for e in examples]
+    first, sequence = _compare(model, tokenizer, [e.prompt for e in examples], new,
+                               [e.target_true for e in examples], new, batch_size, max_length)
     rephrase = [(p, e) for e in examples for p in e.rephrase_prompts]
-    _, rephrase_seq = _compare(model, tokenizer, [p for p, _ in rephrase], [e.target_new for _, e in rephrase],
-                               [e.target_true for _, e in rephrase], batch_size, max_length)
+    new = [e.target_new for _, e in rephrase]
+    _, rephrase_seq = _compare(model, tokenizer, [p for p, _ in rephrase], new,
+                               [e.target_true for _, e in rephrase], new, batch_size, max_length)
     locality = [(p, e) for e in examples for p in e.locality_prompts]
+    new = [e.target_new for _, e in locality]
     _, locality_seq = _compare(model, tokenizer, [p for p, _ in locality],
-                               [e.locality_ground_truth for _, e in locality],
-                               [e.target_new for _, e in locality], batch_size, max_length)
+                               [e.locality_ground_truth for _, e in locality], new, new, batch_size, max_length)
     model.train(was_training)
     return {
         "efficacy_first_token": _share_positive(first),
