@@ -401,6 +401,19 @@ def test_step_counts_keep_counting_when_a_non_native_tensor_lacks_a_gradient():
     assert float(optimizer.state[model[0].weight]["step"]) == 3
 
 
+def test_a_step_without_expert_gradients_leaves_no_routing_decision():
+    model = _molf_model()
+    optimizer = _optimizer_after_backward(model, "native")
+    optimizer.step()
+    assert optimizer.last_routing is not None
+    experts = {id(p) for _, m in molf_modules(model) for ps in m.expert_params() for p in ps}
+    for p in model.parameters():
+        if id(p) in experts:
+            p.grad = None  # only the embeddings and norms have gradients this step
+    optimizer.step()
+    assert optimizer.last_routing is None
+
+
 def test_a_frozen_expert_parameter_is_named():
     model = _molf_model()
     name, module = molf_modules(model)[0]

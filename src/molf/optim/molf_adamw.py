@@ -351,6 +351,8 @@ class MoLFAdamW(Optimizer):
         for group in self.param_groups:
             group["molf_step"] += 1
         experts = [b for b in buckets if b.cells is not None]
+        if not experts:  # nothing routed this step: no decision to log (not the previous step's)
+            self.last_routing = None
         winners, bad = self._route(experts) if experts else (None, None)
         update = self._fused_update if self.fused else self._update
         for b in buckets:
