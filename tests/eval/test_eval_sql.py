@@ -145,3 +145,13 @@ def test_empty_results_of_different_widths_do_not_match():
 def test_logic_match_ignores_comments():
     example = _memory_example("CREATE TABLE t (a INT);", gold="SELECT a FROM t")
     assert score_prediction(example, "SELECT a FROM t -- all of them", 5.0).logic
+
+
+def test_a_huge_value_is_refused_instead_of_overrunning_the_time_limit():
+    import time
+
+    example = _memory_example("CREATE TABLE t (a INT);")
+    start = time.monotonic()
+    result, error = run_query(example, "SELECT hex(zeroblob(300000000))", timeout_s=1.0)
+    assert result is None and "too big" in error
+    assert time.monotonic() - start < 1.0

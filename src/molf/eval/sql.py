@@ -41,6 +41,8 @@ _OPENING_PARENS = re.compile(r"(?:\(\s*)+$")  # "(" / "( (" right before the fir
 _CLOSING_QUOTE = {"'": "'", '"': '"', "`": "`", "[": "]"}
 # A runaway result (e.g. an accidental cross join) is cut here; it cannot match a sane gold result anyway.
 MAX_RESULT_ROWS = 100_000
+# The largest string or blob a query may build (SQLite's default is 1 GB).
+MAX_VALUE_BYTES = 2**24
 
 
 def _first_statement(text: str) -> str:
@@ -124,6 +126,9 @@ def _connect(example: SQLExample, deadline: float) -> sqlite3.Connection:
         connection = sqlite3.connect(":memory:")
     # Called every 1,000 SQLite VM instructions; a non-zero return aborts the running statement.
     connection.set_progress_handler(lambda: int(time.monotonic() > deadline), 1_000)
+    # One huge string or blob (zeroblob(3e8)) is a single instruction that the handler cannot stop.
+    if hasattr(connection, "setlimit"):  # Python 3.11+
+        connection.setlimit(sqlite3.SQLITE_LIMIT_LENGTH, MAX_VALUE_BYTES)
     if example.db_path is None and example.context:
         connection.executescript(example.context)
     return connection
