@@ -155,3 +155,10 @@ def test_a_huge_value_is_refused_instead_of_overrunning_the_time_limit():
     result, error = run_query(example, "SELECT hex(zeroblob(300000000))", timeout_s=1.0)
     assert result is None and "too big" in error
     assert time.monotonic() - start < 1.0
+
+
+def test_a_generated_attach_creates_no_file(tmp_path):
+    target = tmp_path / "made_by_the_model.db"
+    result, error = run_query(_memory_example("CREATE TABLE t (a INT);"), f"ATTACH DATABASE '{target}' AS x", 5.0)
+    assert result is None and "not authorized" in error
+    assert not target.exists()

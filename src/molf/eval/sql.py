@@ -131,7 +131,12 @@ def _connect(example: SQLExample, deadline: float) -> sqlite3.Connection:
         connection.setlimit(sqlite3.SQLITE_LIMIT_LENGTH, MAX_VALUE_BYTES)
     if example.db_path is None and example.context:
         connection.executescript(example.context)
+    connection.set_authorizer(_no_attach)  # a generated ATTACH would create files on disk
     return connection
+
+
+def _no_attach(action: int, *args: object) -> int:
+    return sqlite3.SQLITE_DENY if action in (sqlite3.SQLITE_ATTACH, sqlite3.SQLITE_DETACH) else sqlite3.SQLITE_OK
 
 
 @dataclass(frozen=True)
