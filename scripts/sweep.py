@@ -93,7 +93,10 @@ def main(argv: list[str] | None = None) -> int:
     if (args.print or args.print_args or args.is_done) and args.index is None:
         print("error: --print, --print_args and --is_done need --index I", file=sys.stderr)
         return 2
-    paths = RunPaths(args.ckpt_dir_root, args.log_dir_root, args.results_dir)
+    # Absolute, from where the sweep was started: jobs run in the repository root, and the finished-job
+    # check must read the results CSV the jobs append to.
+    folders = (args.ckpt_dir_root, args.log_dir_root, args.results_dir)
+    paths = RunPaths(*(str(Path(folder).expanduser().resolve()) for folder in folders))
     try:
         jobs = _select(args, grid_jobs(args.grid))
     except ValueError as err:

@@ -137,3 +137,26 @@ def test_failure_stops_unless_keep_going(tmp_path, monkeypatch):
     jobs = grid_jobs("lora")[:2]
     assert run_jobs(jobs, paths)["failed"] == [0]
     assert run_jobs(jobs, paths, keep_going=True)["failed"] == [0, 1]
+
+
+def test_relative_output_folders_are_those_of_the_directory_the_sweep_starts_in(tmp_path):
+    # Jobs run in the repository root; a relative --results_dir must still name the folder under the
+    # caller's directory, for the jobs and for the finished-job check alike.
+    import subprocess
+    from pathlib import Path
+
+    from molf.eval.results import TASK_METRICS
+
+    repo = Path(__file__).resolve().parents[2]
+    job = grid_jobs("fft")[0]
+    done = job_config(job, RunPaths(str(tmp_path / "ck"), str(tmp_path / "logs"), str(tmp_path / "res")))
+    (tmp_path / "res").mkdir()
+    with open(tmp_path / "res" / f"{job.task}.csv", "w", newline="") as handle:
+        csv.writer(handle).writerows([["run_name", TASK_METRICS[job.task][0]], [done.run_name, "50.0"]])
+    result = subprocess.run([sys.executable, str(repo / "scripts" / "sweep.py"), "--grid", "fft", "--run", "--dry_run",
+                             "--indices", "0-1", "--results_dir", "res", "--ckpt_dir_root", "ck", "--log_dir_root",
+                             "logs"], cwd=tmp_path, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    first, second = result.stdout.splitlines()[:2]
+    assert "fft #0: result row exists, skipping" in first
+    assert f"--results_dir {tmp_path / 'res'}" in second and f"--ckpt_dir_root {tmp_path / 'ck'}" in second
