@@ -31,6 +31,9 @@ def _metric_overrides(items: list[str]) -> dict[str, str]:
         task, sep, column = item.partition("=")
         if not sep or not task or not column:
             raise SystemExit(f"error: --metric expects TASK=COLUMN (e.g. fact=efficacy_sequence), got {item!r}")
+        if task not in PRIMARY_METRICS:
+            raise SystemExit(f"error: --metric {item!r}: unknown task {task!r}; "
+                             f"the tasks are {sorted(PRIMARY_METRICS)}")
         overrides[task] = column
     return overrides
 

@@ -221,3 +221,20 @@ def test_csv_without_a_model_column_is_a_one_line_error(tmp_path):
                                                   "evaluators' columns (README, 'Results CSVs')"]
     pd.read_csv(FIXTURES / "med.csv").drop(columns=["mode"]).to_csv(path, index=False)
     assert "has no 'mode' column" in _run_make_tables(str(path)).stderr
+
+
+def test_metric_override_for_an_unknown_task_is_an_error():
+    result = _run_make_tables(str(FIXTURES / "med.csv"), "--metric", "mde=accuracy")
+    assert result.returncode == 1
+    assert result.stderr.strip() == "error: --metric 'mde=accuracy': unknown task 'mde'; the tasks are " \
+                                    "['fact', 'med', 'sql']"
+
+
+def test_a_bar_in_a_model_name_does_not_split_a_markdown_cell(tmp_path):
+    path = tmp_path / "med.csv"
+    frame = pd.read_csv(FIXTURES / "med.csv")
+    frame["model"] = "org/model|v2"
+    frame.to_csv(path, index=False)
+    table = table1_markdown(with_primary_metric(load_results([path]), {}))
+    header, _, first = table.splitlines()[:3]
+    assert "model\\|v2" in first and first.count(" | ") - first.count("\\| ") == header.count(" | ")

@@ -294,7 +294,7 @@ def table1_markdown(results: pd.DataFrame, digits: int = 2) -> str:
                                          bold=lambda text: f"**{text}**",
                                          spread=lambda std, n: f" ± {std} (n={n})",
                                          annotate=lambda text, hparams: f"{text}<br>({hparams})")
-        lines.append("| " + " | ".join(row) + " |")
+        lines.append("| " + " | ".join(cell.replace("|", "\\|") for cell in row) + " |")  # a '|' would split the cell
     return "\n".join(lines) + "\n"
 
 
