@@ -235,6 +235,7 @@ def test_a_bar_in_a_model_name_does_not_split_a_markdown_cell(tmp_path):
     frame = pd.read_csv(FIXTURES / "med.csv")
     frame["model"] = "org/model|v2"
     frame.to_csv(path, index=False)
-    table = table1_markdown(with_primary_metric(load_results([path]), {}))
+    with pytest.warns(UserWarning, match="dropped 1 row without a value"):  # the fixture's failed evaluation
+        table = table1_markdown(with_primary_metric(load_results([path]), {}))
     header, _, first = table.splitlines()[:3]
     assert "model\\|v2" in first and first.count(" | ") - first.count("\\| ") == header.count(" | ")
