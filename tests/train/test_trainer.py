@@ -203,38 +203,28 @@ def test_a_diverged_run_stops_with_an_error_before_saving_a_bad_checkpoint(mode,
     assert len(logged) == 2 and all(torch.isfinite(torch.tensor(logged)))
 
 
-def test_nan_weights_are_caught_before_a_save_even_with_a_finite_loss(tmp_path, tokenizer):
-    cfg = make_cfg(tmp_path, "fft", max_steps=2, logging_steps=10, save_strategy="steps", save_steps=2)
+class PoisonNormAfterStep(TrainerCallback):
+    """Writes ``value`` into the final norm after optimizer step 1: the update went bad, its loss was finite."""
+
+    def __init__(self, model, value: float):
+        self.model, self.value = model, value
+
+    def on_optimizer_step(self, args, state, control, **kwargs):
+        if state.global_step == 1:
+            with torch.no_grad():
+                self.model.model.norm.weight[0] = self.value
+
+
+# steps: caught before the step's save. epoch / no: no log or step-save falls on the bad step, so the
+# epoch's checkpoint (or, with no saving, the end of training, before the caller saves the final model)
+# is where it must be caught.
+@pytest.mark.parametrize("save_strategy, value", [("steps", float("inf")), ("epoch", float("nan")),
+                                                  ("no", float("nan"))])
+def test_nan_weights_are_caught_before_a_save_and_at_the_end(save_strategy, value, tmp_path, tokenizer):
+    cfg = make_cfg(tmp_path, "fft", max_steps=2, logging_steps=10, save_strategy=save_strategy, save_steps=2)
     model = small_model()
     trainer = train(cfg, model, tokenizer, start=False)
-
-    class PoisonAfterStep(TrainerCallback):  # the last step's update went bad; its loss was finite
-        def on_optimizer_step(self, args, state, control, **kwargs):
-            if state.global_step == 1:
-                with torch.no_grad():
-                    model.model.norm.weight[0] = float("inf")
-
-    trainer.add_callback(PoisonAfterStep())
-    with pytest.raises(FloatingPointError, match="1 trainable tensor\\(s\\) hold NaN/inf"):
-        trainer.train()
-    assert not list(cfg.run_dir.glob("checkpoint-*"))
-
-
-@pytest.mark.parametrize("save_strategy", ["epoch", "no"])
-def test_nan_weights_are_caught_before_an_epoch_save_and_at_the_end(save_strategy, tmp_path, tokenizer):
-    # No log or step-save falls on the bad step: the epoch's checkpoint (or, with no saving, the end of
-    # training, before the caller saves the final model) is where it must be caught.
-    cfg = make_cfg(tmp_path, "fft", max_steps=2, logging_steps=10, save_strategy=save_strategy)
-    model = small_model()
-    trainer = train(cfg, model, tokenizer, start=False)
-
-    class PoisonAfterStep(TrainerCallback):
-        def on_optimizer_step(self, args, state, control, **kwargs):
-            if state.global_step == 1:
-                with torch.no_grad():
-                    model.model.norm.weight[0] = float("nan")
-
-    trainer.add_callback(PoisonAfterStep())
+    trainer.add_callback(PoisonNormAfterStep(model, value))
     with pytest.raises(FloatingPointError, match="1 trainable tensor\\(s\\) hold NaN/inf"):
         trainer.train()
     assert not list(cfg.run_dir.glob("checkpoint-*"))
