@@ -12,7 +12,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from molf._pipes import run_cli
+from molf._cli import run_cli
 from molf.analysis.tables import (
     PRIMARY_METRICS,
     frame_latex,

@@ -12,7 +12,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from molf._pipes import run_cli
+from molf._cli import run_cli
 from molf.analysis.routing_log import read_routing_log, resolve_log_path
 from molf.analysis.routing_plots import plot_routing
 from molf.analysis.routing_stats import format_summary

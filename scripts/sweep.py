@@ -19,7 +19,7 @@ import shlex
 import sys
 from pathlib import Path
 
-from molf._pipes import run_cli
+from molf._cli import run_cli
 from molf.sweep.grid import GRID_NAMES, Job, grid_jobs
 from molf.sweep.runner import (
     RunPaths,

@@ -11,7 +11,7 @@ from __future__ import annotations
 import sys
 from typing import Optional, Sequence
 
-from molf._pipes import run_cli
+from molf._cli import run_cli
 from molf.config import parse_config
 
 

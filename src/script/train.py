@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
+from molf._cli import report_error
 from molf.config import TrainingConfig, parse_config
 
 IS_MAIN_RANK = int(os.environ.get("RANK", "0")) == 0
@@ -183,10 +184,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         else:
             train(cfg)
     except USER_ERRORS as err:  # bad data, a config only the real step count rules out, a diverged run
-        if os.environ.get("MOLF_TRACEBACK") == "1":
-            raise
-        print(f"error: {' '.join(str(err).split())} (MOLF_TRACEBACK=1 shows where it was raised)", file=sys.stderr)
-        return 1
+        return report_error(err, 1)
     return 0
 
 

@@ -60,8 +60,7 @@ def _prompt_list(row: Row, field: str) -> tuple[str, ...]:
 
 
 def _is_sequence(value: Any) -> bool:
-    if isinstance(value, (list, tuple)):
-        return True
+    """A list, tuple, numpy array or other sized iterable that is not a string or a mapping."""
     return hasattr(value, "__len__") and hasattr(value, "__iter__") and not isinstance(value, (str, bytes, dict))
 
 

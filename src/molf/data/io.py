@@ -51,15 +51,6 @@ def _is_empty(value: Any) -> bool:
             or (isinstance(value, float) and math.isnan(value)))
 
 
-def has_fields(row: Row, *fields: str) -> bool:
-    """Whether every field is present (a blank string counts, a None or NaN cell does not)."""
-    return all(_present(row.fields.get(name)) for name in fields)
-
-
-def _present(value: Any) -> bool:
-    return value is not None and not (isinstance(value, float) and math.isnan(value))
-
-
 def load_rows(path: Optional[str], split: str, hub_id: str, hub_split: str) -> list[Row]:
     """Load the rows of ``split`` ("train" or "eval") from ``path`` or, when it is None, the hub.
 

@@ -6,14 +6,13 @@ import argparse
 import copy
 import json
 import logging
-import os
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
 
 import torch
 
+from molf._cli import report_error
 from molf.data.config import DataConfig
 from molf.eval.checkpoint import (
     check_checkpoint,
@@ -93,12 +92,12 @@ def check_inputs(args: argparse.Namespace, cfg) -> None:
     from molf.data.builder import eval_source
     from molf.data.io import resolve_split_file
     from molf.eval.results import check_task_file
-    from molf.model.load import check_model_paths
+    from molf.model.load import check_local_reference
     from molf.model.tiny import is_tiny_name
 
     if not is_tiny_name(args.model):
         check_checkpoint(args.model)
-    check_model_paths(None, args.tokenizer, flags=("model", "tokenizer"))
+    check_local_reference("tokenizer", args.tokenizer)
     try:
         path, split = eval_source(cfg)
     except ValueError:  # its message names train.py's flags
@@ -125,19 +124,12 @@ def cli(argv: Optional[Sequence[str]] = None) -> int:
         cfg, training_config = build_config(args)
         check_inputs(args, cfg)
     except USER_ERRORS as err:
-        return _report(err, 2)
+        return report_error(err, 2)
     try:
         _evaluate(args, cfg, training_config)
     except USER_ERRORS as err:
-        return _report(err, 1)
+        return report_error(err, 1)
     return 0
-
-
-def _report(err: Exception, status: int) -> int:
-    if os.environ.get("MOLF_TRACEBACK") == "1":
-        raise err
-    print(f"error: {' '.join(str(err).split())} (MOLF_TRACEBACK=1 shows where it was raised)", file=sys.stderr)
-    return status
 
 
 def _evaluate(args: argparse.Namespace, cfg, training_config) -> dict:

@@ -34,19 +34,23 @@ def vendored_tokenizer_dir() -> Path:
     )
 
 
-def check_model_paths(model_name_or_path: Optional[str], tokenizer_name_or_path: Optional[str] = None,
-                      flags: tuple[str, str] = ("model_name_or_path", "tokenizer_name_or_path")) -> None:
+def check_model_paths(model_name_or_path: Optional[str], tokenizer_name_or_path: Optional[str] = None) -> None:
+    """``check_local_reference`` for ``--model_name_or_path`` and ``--tokenizer_name_or_path``."""
+    check_local_reference("model_name_or_path", model_name_or_path)
+    check_local_reference("tokenizer_name_or_path", tokenizer_name_or_path)
+
+
+def check_local_reference(flag: str, value: Optional[str]) -> None:
     """Fail early when a model or tokenizer reference is a local path and nothing is there; hub ids and
     ``tiny-*`` names are left to the loaders. A reference is a local path when it starts with ``/``,
     ``./``, ``../`` or ``~``, has more than one ``/`` (a hub id is ``name`` or ``org/name``), or its first
     part is a directory here (``ckpts/run`` with a ``ckpts`` directory).
 
     Raises:
-        FileNotFoundError: names the flag (``flags``: the two flag names) and the missing path.
+        FileNotFoundError: names ``--flag`` and the missing path.
     """
-    for flag, value in zip(flags, (model_name_or_path, tokenizer_name_or_path)):
-        if value is not None and is_local_reference(value) and not Path(value).expanduser().exists():
-            raise FileNotFoundError(f"--{flag} {value} does not exist; pass an existing directory or a hub id")
+    if value is not None and is_local_reference(value) and not Path(value).expanduser().exists():
+        raise FileNotFoundError(f"--{flag} {value} does not exist; pass an existing directory or a hub id")
 
 
 def is_local_reference(value: str) -> bool:

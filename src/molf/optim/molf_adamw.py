@@ -300,11 +300,12 @@ class MoLFAdamW(Optimizer):
                 self.state[p].update(step=0.0, exp_avg=torch.zeros_like(p, memory_format=torch.preserve_format),
                                      exp_avg_sq=torch.zeros_like(p, memory_format=torch.preserve_format))
         states = [self.state[p] for p in params]
-        # Decided over all of the group's tensors of this kind, not only those with a gradient this step:
-        # a subset may pass where the whole does not, and the two would keep the step count in two forms.
-        kind = [q for q in self.param_groups[gi]["params"]
-                if q.device == device and q.dtype == params[0].dtype and (id(q) in self._experts.cell_of) == is_expert]
-        use_native = is_expert and self.fused and self._native_bucket(kind, device)
+        # Decided over all of the group's expert tensors of this device and dtype, not only those with a
+        # gradient this step: a subset may pass where the whole does not, and the two would keep the step
+        # count in two forms.
+        use_native = is_expert and self.fused and self._native_bucket(
+            [q for q in self.param_groups[gi]["params"]
+             if q.device == device and q.dtype == params[0].dtype and id(q) in self._experts.cell_of], device)
         tensor_steps = self.fused and not use_native  # the native kernels take host numbers, like foreach
         for state, p in zip(states, params):  # the step's type follows the path (also after a load)
             state["step"] = _as_step(state["step"], p.device, tensor_steps)

@@ -215,9 +215,7 @@ class SaveTimeExcluder(TrainerCallback):
         if control.should_save:
             self.meter.pause()
 
-    def on_epoch_end(self, args, state, control, **kwargs):
-        if control.should_save:
-            self.meter.pause()
+    on_epoch_end = on_step_end  # epoch checkpoints are decided at the epoch's end
 
     def on_save(self, args, state, control, **kwargs):
         self.meter.resume()

@@ -1,4 +1,4 @@
-"""molf._pipes.run_cli: a command whose stdout reader goes away ends without a traceback."""
+"""molf._cli.run_cli: a command whose stdout reader goes away ends without a traceback."""
 
 from __future__ import annotations
 
@@ -26,13 +26,13 @@ def test_plain_main_shows_the_broken_pipe_traceback():
 
 
 def test_run_cli_ends_quietly_with_status_1():
-    code = "import sys\nfrom molf._pipes import run_cli\n" + _FLOOD + "sys.exit(run_cli(main))\n"
+    code = "import sys\nfrom molf._cli import run_cli\n" + _FLOOD + "sys.exit(run_cli(main))\n"
     status, stderr = _read_one_line_then_close(code)
     assert status == 1
     assert stderr == ""
 
 
 def test_run_cli_passes_the_status_through():
-    code = "import sys\nfrom molf._pipes import run_cli\nsys.exit(run_cli(lambda: {}))\n"
+    code = "import sys\nfrom molf._cli import run_cli\nsys.exit(run_cli(lambda: {}))\n"
     assert subprocess.run([sys.executable, "-c", code.format("3")], capture_output=True).returncode == 3
     assert subprocess.run([sys.executable, "-c", code.format("None")], capture_output=True).returncode == 0

@@ -1,9 +1,12 @@
-"""Commands whose output is piped into ``head`` or ``less``.
+"""What the command-line scripts share: a quiet end when stdout's reader has gone, and one-line errors.
 
 Python ignores ``SIGPIPE``, so ``python scripts/sweep.py --grid molf --list | head`` used to end in a
 ``BrokenPipeError`` traceback once ``head`` had read its lines. ``run_cli`` runs a command's ``main``
 and ends it quietly instead, as ``ls`` or ``grep`` end. It is called from the scripts' ``__main__``
 blocks only, so tests that call ``main`` in-process see the exception as it is.
+
+``report_error`` prints an error that says what to fix as one line (``MOLF_TRACEBACK=1``: the
+traceback instead), for ``src/script/train.py`` and ``python -m molf.eval``.
 """
 
 from __future__ import annotations
@@ -25,3 +28,12 @@ def run_cli(main: Callable[[], Optional[int]]) -> int:
         os.dup2(devnull, sys.stdout.fileno())
         return 1
     return status or 0
+
+
+def report_error(err: Exception, status: int) -> int:
+    """Print ``err`` as one ``error:`` line on stderr and return ``status``; with ``MOLF_TRACEBACK=1``
+    re-raise it instead (call it from the ``except`` block that caught ``err``)."""
+    if os.environ.get("MOLF_TRACEBACK") == "1":
+        raise err
+    print(f"error: {' '.join(str(err).split())} (MOLF_TRACEBACK=1 shows where it was raised)", file=sys.stderr)
+    return status
