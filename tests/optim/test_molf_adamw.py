@@ -221,6 +221,9 @@ def test_non_finite_gradient_resets_only_that_expert(path):
     state = optimizer.state[lora_b]
     assert state["step"] == 0 and not state["exp_avg"].any() and not state["exp_avg_sq"].any()
     assert optimizer.nonfinite_resets == 1
+    restored = MoLFAdamW.from_config(model, OPTIM, **PATH_KWARGS[path])
+    restored.load_state_dict(optimizer.state_dict())  # the count goes on after a resume
+    assert restored.nonfinite_resets == 1
     assert torch.isfinite(routing.scores[1:, :]).all()
     assert all(torch.isfinite(p).all() for p in model.parameters())
     if routing.winners[0, 0]:

@@ -8,7 +8,7 @@ from conftest import small_model
 from trainrun_helpers import make_cfg
 
 from molf.train import build
-from molf.train.callbacks import JsonMetricsCallback, RoutingLogCallback
+from molf.train.callbacks import JsonMetricsCallback, RoutingLogCallback, RunLogsCutter
 from molf.train.param_count import count_parameters
 
 
@@ -27,9 +27,10 @@ def test_training_arguments_follow_the_config(tmp_path):
     assert (args.seed, args.data_seed, args.bf16) == (7, 7, True)
     assert args.report_to == [] and args.output_dir == str(cfg.run_dir)
     assert args.get_warmup_steps(100) == 10 and args.lr_scheduler_type.value == "cosine"
-    kinds = {type(c) for c in build.run_callbacks(cfg)}
-    assert kinds == {RoutingLogCallback, JsonMetricsCallback}
-    assert build.run_callbacks(make_cfg(tmp_path, "fft", report_to="none")) == []
+    kinds = [type(c) for c in build.run_callbacks(cfg)]
+    assert kinds[0] is RunLogsCutter and set(kinds[1:]) == {RoutingLogCallback, JsonMetricsCallback}
+    # Without the logs, a resumed run still cuts the ones an earlier attempt wrote.
+    assert [type(c) for c in build.run_callbacks(make_cfg(tmp_path, "fft", report_to="none"))] == [RunLogsCutter]
 
 
 def test_resume_resolution(tmp_path):

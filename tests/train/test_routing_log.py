@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from types import SimpleNamespace
 
 import pytest
 import torch
 
 from molf.analysis.routing_log import read_routing_log
-from molf.train.routing_log import RoutingLogWriter, step_record, truncate_jsonl
+from molf.train.callbacks import RunLogsCutter
+from molf.train.routing_log import RoutingLogWriter, read_header, step_record, truncate_jsonl
 
 
 @dataclass
@@ -105,13 +107,55 @@ def test_truncate_jsonl_keeps_metrics_lines_up_to_the_step(tmp_path):
 
 
 def test_resumed_metrics_keep_one_end_of_training_summary(tmp_path):
-    from types import SimpleNamespace
-
-    from molf.train.callbacks import JsonMetricsCallback
-
     path = tmp_path / "metrics.jsonl"
     finished = [{"step": 5, "loss": 0.5}, {"step": 6, "loss": 0.4},
                 {"step": 6, "train_runtime": 3.0, "train_loss": 0.6}]
     path.write_text("".join(json.dumps(record) + "\n" for record in finished), encoding="utf-8")
-    JsonMetricsCallback(path).on_train_begin(None, SimpleNamespace(is_world_process_zero=True, global_step=6), None)
+    RunLogsCutter(tmp_path / "molf_routing.jsonl", path).on_train_begin(
+        None, SimpleNamespace(is_world_process_zero=True, global_step=6), None)
     assert [json.loads(line) for line in path.read_text().splitlines()] == finished[:2]
+
+
+def test_start_writes_the_header_before_any_step(tmp_path):
+    path = tmp_path / "molf_routing.jsonl"
+    w = writer(path, every=50)
+    w.start(["l.0.q_proj"], ["fft", "lora0_r8"], step=0)
+    w.close()  # a run shorter than the interval logs no step but still has its header
+    header = read_header(path)
+    assert header["modules"] == ["l.0.q_proj"] and header["every"] == 50
+    log = read_routing_log(path)
+    assert log.steps.tolist() == [] and log.experts == ["fft", "lora0_r8"]
+
+
+def test_a_resume_at_another_interval_is_noted_in_the_header(tmp_path):
+    path = tmp_path / "molf_routing.jsonl"
+    w = writer(path, every=1)
+    for s in (1, 2, 3):
+        w.write(decision(s), s)
+    w.close()
+    w = writer(path, every=2)
+    w.start(decision(1).module_names, decision(1).expert_names, step=3)
+    w.write(decision(4), 4)
+    w.close()
+    w = writer(path, every=2)  # a second resume at the same interval adds nothing
+    w.start(decision(1).module_names, decision(1).expert_names, step=4)
+    w.close()
+    header = read_header(path)
+    assert header["every"] == 1 and header["every_changes"] == [[3, 2]]
+    assert read_routing_log(path).steps.tolist() == [1, 2, 3, 4]
+
+
+def test_the_cutter_cuts_logs_this_run_does_not_write(tmp_path):
+    routing, metrics = tmp_path / "molf_routing.jsonl", tmp_path / "metrics.jsonl"
+    w = writer(routing)
+    for s in range(1, 6):
+        w.write(decision(s), s)
+    w.close()
+    metrics.write_text("".join(json.dumps({"step": s, "loss": 1.0}) + "\n" for s in range(1, 6)), encoding="utf-8")
+    RunLogsCutter(routing, metrics).on_train_begin(None, SimpleNamespace(is_world_process_zero=True,
+                                                                         global_step=2), None)
+    assert read_routing_log(routing).steps.tolist() == [1, 2]
+    assert [json.loads(line)["step"] for line in metrics.read_text().splitlines()] == [1, 2]
+    RunLogsCutter(routing, metrics).on_train_begin(None, SimpleNamespace(is_world_process_zero=False,
+                                                                         global_step=1), None)
+    assert read_routing_log(routing).steps.tolist() == [1, 2]  # rank 0 only

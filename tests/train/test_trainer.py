@@ -90,7 +90,31 @@ def test_routing_log_every_n_steps(tmp_path, tokenizer):
     train(cfg, small_model(), tokenizer)
     log = read_routing_log(cfg.run_dir / "molf_routing.jsonl")
     assert log.steps.tolist() == [2, 4, 6]
-    assert log.experts == ["fft", "lora0_r4"] and log.meta.get("every", 2) == 2
+    assert log.experts == ["fft", "lora0_r4"] and log.meta["every"] == 2
+    # A run shorter than the interval logs no step, but its log has the header.
+    short = make_cfg(tmp_path / "short", max_steps=2, routing_log_every=5)
+    train(short, small_model(), tokenizer)
+    lines = [json.loads(line) for line in (short.run_dir / "molf_routing.jsonl").read_text().splitlines()]
+    assert [line["type"] for line in lines] == ["header"] and lines[0]["every"] == 5
+
+
+def test_a_resume_with_other_log_settings_leaves_no_stale_line(tmp_path, tokenizer):
+    data = token_dataset(num_rows=32)
+    common = dict(max_steps=6, save_strategy="steps", save_steps=3, save_total_limit=None, logging_steps=1)
+    full_cfg = make_cfg(tmp_path / "full", report_to="json", **common)
+    train(full_cfg, small_model(), tokenizer, data)
+    # The killed run logged every step and wrote metrics; the resumed one logs every 2nd step, no metrics.
+    cut_cfg = make_cfg(tmp_path / "cut", routing_log_every=2, **common)
+    cut_cfg.run_dir.mkdir(parents=True)
+    shutil.copytree(full_cfg.run_dir / "checkpoint-3", cut_cfg.run_dir / "checkpoint-3")
+    for name in ("molf_routing.jsonl", "metrics.jsonl"):
+        shutil.copy(full_cfg.run_dir / name, cut_cfg.run_dir / name)
+    train(cut_cfg, small_model(), tokenizer, data, resume=str(cut_cfg.run_dir / "checkpoint-3"))
+    log = read_routing_log(cut_cfg.run_dir / "molf_routing.jsonl")
+    assert log.steps.tolist() == [1, 2, 3, 4, 6]
+    assert log.meta["every"] == 1 and log.meta["every_changes"] == [[3, 2]]
+    metrics = [json.loads(line) for line in (cut_cfg.run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics] == [1, 2, 3]
 
 
 class FreezeAt(TrainerCallback):

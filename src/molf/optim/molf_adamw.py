@@ -29,7 +29,7 @@ from __future__ import annotations
 import warnings
 from dataclasses import dataclass
 from itertools import compress
-from typing import Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 import torch
@@ -330,9 +330,14 @@ class MoLFAdamW(Optimizer):
                              f"term (got {params[0].dtype}, score {self.score_fn.name!r}); use 'auto' or 'eager'")
         return ok
 
+    def state_dict(self) -> dict[str, Any]:
+        """``torch.optim.Optimizer.state_dict()`` plus the ``nonfinite_resets`` count (an int)."""
+        return {**super().state_dict(), "molf_nonfinite_resets": self.nonfinite_resets}
+
     def load_state_dict(self, state_dict: dict) -> None:
         """Load a state saved by ``state_dict()`` (e.g. from an HF Trainer checkpoint), of either path."""
         super().load_state_dict(state_dict)
+        self.nonfinite_resets = int(state_dict.get("molf_nonfinite_resets", 0))
         self._bucket_cache.clear()  # the cached buckets hold the replaced state tensors
         self._live_cache.clear()  # keyed by those buckets
 

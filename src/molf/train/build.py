@@ -11,7 +11,7 @@ import torch
 from transformers import TrainerCallback, TrainingArguments
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-from molf.train.callbacks import METRICS_FILENAME, JsonMetricsCallback, RoutingLogCallback
+from molf.train.callbacks import METRICS_FILENAME, JsonMetricsCallback, RoutingLogCallback, RunLogsCutter
 from molf.train.config import MOLF_MODES, RESUME_AUTO, STRATEGY_MODES
 from molf.train.export import ADAPTER_DIR, FINAL_DIR, STAGING_DIR
 from molf.train.routing_log import LOG_FILENAME
@@ -136,8 +136,9 @@ def training_arguments(cfg: Any) -> TrainingArguments:
 
 
 def run_callbacks(cfg: Any) -> list[TrainerCallback]:
-    """The routing log (MoLF modes) and the JSON metrics file (``--report_to json``)."""
-    callbacks: list[TrainerCallback] = []
+    """The routing log (MoLF modes) and the JSON metrics file (``--report_to json``), after the
+    callback that cuts both back to a resumed run's checkpoint."""
+    callbacks: list[TrainerCallback] = [RunLogsCutter(cfg.run_dir / LOG_FILENAME, cfg.run_dir / METRICS_FILENAME)]
     if cfg.mode in MOLF_MODES and cfg.routing_log_every > 0:
         ranks = ([None] if cfg.molf_fft else []) + [int(r) for r in cfg.molf_lora_ranks]
         callbacks.append(RoutingLogCallback(cfg.run_dir / LOG_FILENAME, ranks, cfg.molf_score_fn, cfg.molf_topk,

@@ -30,10 +30,11 @@ class RoutingLogCallback(TrainerCallback):
         self.every = every
         self.writer = RoutingLogWriter(path, ranks, score_fn, topk, every)
 
-    def on_train_begin(self, args, state, control, **kwargs):
-        if state.is_world_process_zero:
-            # A fresh run keeps only the header; a resumed one keeps the lines up to its checkpoint.
-            self.writer.truncate_after(state.global_step)
+    def on_train_begin(self, args, state, control, optimizer=None, **kwargs):
+        # RunLogsCutter (listed before this callback) has cut a resumed run's log back to its checkpoint.
+        torch_optimizer = unwrap_optimizer(optimizer)
+        if state.is_world_process_zero and hasattr(torch_optimizer, "module_names"):
+            self.writer.start(torch_optimizer.module_names, torch_optimizer.expert_names, state.global_step)
 
     def on_step_end(self, args, state, control, optimizer=None, **kwargs):
         if not state.is_world_process_zero or state.global_step % self.every != 0:
@@ -46,20 +47,36 @@ class RoutingLogCallback(TrainerCallback):
         self.writer.close()
 
 
+class RunLogsCutter(TrainerCallback):
+    """Cuts the run's JSONL logs (routing log, ``metrics.jsonl``) back to the step training starts
+    from, rank 0 only, whether or not this run writes them: a resumed run logs the steps after its
+    checkpoint afresh, and no line of the killed run's later steps stays behind.
+
+    Args:
+        routing_log: the run's routing log path.
+        metrics: the run's metrics file path.
+    """
+
+    def __init__(self, routing_log: Path, metrics: Path) -> None:
+        self.routing_log = Path(routing_log)
+        self.metrics = Path(metrics)
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if state.is_world_process_zero:
+            truncate_jsonl(self.routing_log, state.global_step)
+            # The end-of-training summary of a finished run resumed from its last checkpoint is
+            # written again at the end; keep one.
+            truncate_jsonl(self.metrics, state.global_step, drop=lambda record: "train_runtime" in record)
+
+
 class JsonMetricsCallback(TrainerCallback):
     """Appends every log dict (with its ``step``) as one line of ``<run_dir>/metrics.jsonl``, rank 0 only.
 
-    Like the routing log, a resumed run first drops the lines after its checkpoint's step.
+    A resumed run's file has been cut back to its checkpoint's step by ``RunLogsCutter``.
     """
 
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
-
-    def on_train_begin(self, args, state, control, **kwargs):
-        if state.is_world_process_zero:
-            # The end-of-training summary of a finished run resumed from its last checkpoint is
-            # written again at the end; keep one.
-            truncate_jsonl(self.path, state.global_step, drop=lambda record: "train_runtime" in record)
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if not state.is_world_process_zero or not logs:

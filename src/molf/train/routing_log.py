@@ -62,6 +62,31 @@ def truncate_jsonl(path: Path, step: int, drop: Optional[Callable[[dict], bool]]
     os.replace(tmp, path)
 
 
+def read_header(path: Path) -> Optional[dict[str, Any]]:
+    """The header record of a routing log, or None when the file is missing, empty or starts otherwise."""
+    path = Path(path)
+    if not path.exists():
+        return None
+    with path.open("r", encoding="utf-8") as handle:
+        first = handle.readline()
+    try:
+        record = json.loads(first)
+    except json.JSONDecodeError:
+        return None
+    return record if isinstance(record, dict) and record.get("type") == "header" else None
+
+
+def replace_first_line(path: Path, record: dict[str, Any]) -> None:
+    """Replace the first line of a JSONL file by ``record`` (atomically, like ``truncate_jsonl``)."""
+    path = Path(path)
+    with path.open("r", encoding="utf-8") as handle:
+        handle.readline()
+        rest = handle.read()
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(record, allow_nan=False) + "\n" + rest, encoding="utf-8")
+    os.replace(tmp, path)
+
+
 class RoutingLogWriter:
     """Appends routing decisions to ``<run_dir>/molf_routing.jsonl``; the header is written once.
 
@@ -83,16 +108,35 @@ class RoutingLogWriter:
         """Keep the header and the step lines with ``step <= step``; drop a torn last line."""
         truncate_jsonl(self.path, step)
 
+    def start(self, module_names: Sequence[str], expert_names: Sequence[str], step: int) -> None:
+        """Write the header at the start of training (``step`` = the optimizer steps already taken), so
+        that even a run that logs no step has one. A resumed run keeps its header; when it logs at
+        another interval than the header's, ``every_changes`` gets ``[step, every]``: the lines after
+        ``step`` are ``every`` apart."""
+        header = read_header(self.path)
+        if header is None:
+            self._write_header(module_names, expert_names)
+            return
+        changes = header.get("every_changes", [])
+        current = changes[-1][1] if changes else header.get("every")
+        if current != self.meta["every"]:
+            header["every_changes"] = [*changes, [int(step), self.meta["every"]]]
+            replace_first_line(self.path, header)
+
     def write(self, decision: Any, step: int) -> None:
         """Append the line of optimizer step ``step`` (and the header first if the file has none)."""
         if self._handle is None:
             self._open()
         if not self._has_header:
-            header = {"type": "header", "version": VERSION, "modules": list(decision.module_names),
-                      "experts": list(decision.expert_names), **self.meta}
-            self._write_line(header)
-            self._has_header = True
+            self._write_header(decision.module_names, decision.expert_names)
         self._write_line(step_record(decision, step))
+
+    def _write_header(self, module_names: Sequence[str], expert_names: Sequence[str]) -> None:
+        if self._handle is None:
+            self._open()
+        self._write_line({"type": "header", "version": VERSION, "modules": list(module_names),
+                          "experts": list(expert_names), **self.meta})
+        self._has_header = True
 
     def _open(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
