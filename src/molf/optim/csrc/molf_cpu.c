@@ -34,18 +34,22 @@ typedef struct {
     int small_weight, kind;
 } Consts;
 
-/* One element: update m and v in place, write the increment over g, return the score term. */
+/* One element: update m and v in place, write the increment over g, return the score term. The
+ * constants come by value, so after inlining they are locals that no store through g, m or v can
+ * change: the branches on them are then loop-invariant and the loop vectorises on AVX2 as well as on
+ * AVX-512 (through a pointer, a float store might alias a float constant, and GCC leaves the loop
+ * scalar where it cannot mask). */
 static inline float element(float *g, float *m, float *v, float neg_step_size, float bc2_sqrt,
-                            const Consts *c, int tail) {
+                            const Consts c, int tail) {
     float gi = *g, mi = *m, vi = *v;
-    mi = c->small_weight ? fmaf(c->w, gi - mi, mi) : fmaf(c->wm1, gi - mi, gi);
-    vi = tail ? fmaf(vi, c->b2, (c->c2 * gi) * gi) : fmaf(c->c2 * gi, gi, vi * c->b2);
+    mi = c.small_weight ? fmaf(c.w, gi - mi, mi) : fmaf(c.wm1, gi - mi, gi);
+    vi = tail ? fmaf(vi, c.b2, (c.c2 * gi) * gi) : fmaf(c.c2 * gi, gi, vi * c.b2);
     float root = sqrtf(vi);
     *m = mi;
     *v = vi;
-    *g = (neg_step_size * mi) / (root / bc2_sqrt + c->eps);
-    float ratio = mi / (root + c->score_eps);
-    return c->kind == SCORE_RATIO_TIMES_M ? ratio * mi : ratio * ratio;
+    *g = (neg_step_size * mi) / (root / bc2_sqrt + c.eps);
+    float ratio = mi / (root + c.score_eps);
+    return c.kind == SCORE_RATIO_TIMES_M ? ratio * mi : ratio * ratio;
 }
 
 void molf_moments_scores(float **grads, float **exp_avgs, float **exp_avg_sqs, const int64_t *numels,
@@ -65,9 +69,10 @@ void molf_moments_scores(float **grads, float **exp_avgs, float **exp_avg_sqs, c
     c.kind = score_kind;
 #pragma omp parallel for schedule(static) num_threads(num_threads)
     for (int64_t b = 0; b < num_blocks; b++) {
+        const Consts cb = c;
         const int64_t t = block_tensor[b], start = block_start[b];
         const int64_t stop = start + block_size < numels[t] ? start + block_size : numels[t];
-        float *g = grads[t], *m = exp_avgs[t], *v = exp_avg_sqs[t];
+        float *restrict g = grads[t], *restrict m = exp_avgs[t], *restrict v = exp_avg_sqs[t];
         const float nss = (float)neg_step_sizes[t], bc = (float)bc2_sqrts[t];
         const int64_t body = numels[t] - numels[t] % tail_width;  /* ATen's vector body */
         const int64_t body_end = body + (numels[t] - body >= epilogue_width ? epilogue_width : 0);
@@ -76,12 +81,12 @@ void molf_moments_scores(float **grads, float **exp_avgs, float **exp_avg_sqs, c
         int64_t i = start;
         for (; i + LANES <= vec_stop; i += LANES) {
             for (int l = 0; l < LANES; l++) {
-                acc[l] += (double)element(g + i + l, m + i + l, v + i + l, nss, bc, &c, 0);
+                acc[l] += (double)element(g + i + l, m + i + l, v + i + l, nss, bc, cb, 0);
             }
         }
         double total = 0.0;
         for (; i < stop; i++) {
-            total += (double)element(g + i, m + i, v + i, nss, bc, &c, i >= body_end);
+            total += (double)element(g + i, m + i, v + i, nss, bc, cb, i >= body_end);
         }
         for (int l = 0; l < LANES; l++) {
             total += acc[l];
