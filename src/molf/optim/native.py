@@ -9,7 +9,7 @@ Per bucket of fp32 expert tensors on the CPU, one step is two passes over memory
 
 That reads five arrays per element (``g, m, v``, then ``p, x`` for winners) where the score pre-pass
 plus torch's fused AdamW reads seven, and it is bit-identical to ``torch.optim.AdamW(fused=True)``
-when every expert wins (on the AVX512 x86-64 Linux wheels; see the C file).
+when every expert wins (on the x86-64 Linux wheels, AVX512 and AVX2 kernels; see the C file).
 
 The kernels are compiled on first use with the system C compiler (``$CC``, else ``cc``), with
 ``-O3 -march=native`` and OpenMP when the compiler has it, into a cache directory keyed by the
@@ -181,10 +181,11 @@ def unavailable_reason() -> str:
 def tail_widths() -> tuple[int, int]:
     """How torch's fused CPU AdamW splits a tensor: its vector body covers ``numel - numel % w``
     elements and its compiled tail loop takes ``e`` more with vector code when that many are left;
-    returns ``(w, e)``. Measured on the AVX512 x86-64 wheels; a guess elsewhere (where the native
-    path then agrees with fused AdamW to rounding, not bit for bit)."""
+    returns ``(w, e)``. Measured on the x86-64 Linux wheels with torch's AVX512 and AVX2 kernels (the
+    AVX2 build has no vector epilogue); a guess elsewhere (where the native path then agrees with
+    fused AdamW to rounding, not bit for bit)."""
     capability = torch.backends.cpu.get_cpu_capability()
-    return {"AVX512": (16, 8), "AVX2": (8, 4)}.get(capability, (4, 4))
+    return {"AVX512": (16, 8), "AVX2": (8, 0)}.get(capability, (4, 4))
 
 
 def supports(params: list[Tensor]) -> bool:
