@@ -15,6 +15,7 @@ TINY_PREFIX = "tiny-"
 
 # Qwen2.5's tokenizer has 151,665 ids; tiny models use it as is so prompts tokenize exactly as in the paper.
 QWEN25_VOCAB_SIZE = 151_665
+_VENDORED_EOS_ID, _VENDORED_PAD_ID = 151_645, 151_643
 
 _COMMON = dict(
     hidden_size=64,
@@ -40,7 +41,8 @@ def tiny_config(family: str = "qwen2", **overrides: Any) -> PretrainedConfig:
     """Return a small config of ``family`` (qwen2, llama, gemma3, qwen3).
 
     Qwen2 keeps its q/k/v biases; Llama has none; Gemma3 gets ``head_dim`` consistent with the
-    hidden size. Any config field can be overridden.
+    hidden size. At the Qwen2.5 vocabulary size, EOS is the vendored tokenizer's. Any config field can
+    be overridden.
     """
     fields = dict(_COMMON)
     if family in ("gemma3", "qwen3"):
@@ -48,6 +50,9 @@ def tiny_config(family: str = "qwen2", **overrides: Any) -> PretrainedConfig:
     if family == "qwen2":
         fields["tie_word_embeddings"] = True
     fields.update(overrides)
+    if fields["vocab_size"] == QWEN25_VOCAB_SIZE:
+        # The vendored tokenizer's EOS (<|im_end|>); its PAD is set by build_tiny_model.
+        fields.setdefault("eos_token_id", _VENDORED_EOS_ID)
     if "head_dim" in fields and "hidden_size" in overrides and "head_dim" not in overrides:
         fields["head_dim"] = fields["hidden_size"] // fields["num_attention_heads"]
     return _config_class(family)(**fields)
@@ -95,4 +100,12 @@ def build_tiny_model(name_or_family: str = "qwen2", seed: int = 0, dtype: torch.
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    if config.vocab_size == QWEN25_VOCAB_SIZE and "pad_token_id" not in overrides:
+        # The vendored tokenizer's PAD (<|endoftext|>), set after construction as the Trainer would
+        # (so that it finds the config aligned and says nothing): a PAD id in the config at construction
+        # time would make it the embedding's padding_idx (zero row, no gradient), unlike Qwen2.5's own
+        # checkpoints, which have no pad_token_id.
+        model.config.pad_token_id = _VENDORED_PAD_ID
+        if model.generation_config is not None:
+            model.generation_config.pad_token_id = _VENDORED_PAD_ID
     return model
