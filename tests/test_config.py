@@ -302,3 +302,13 @@ def test_triton_score_backend_without_triton_fails_at_parse_time(monkeypatch):
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "triton" else real(name, *a))
     with pytest.raises(ValueError, match="molf_score_backend triton needs the 'triton' package"):
         TrainingConfig(mode="molf", molf_score_backend="triton")
+
+
+def test_with_max_steps_a_handoff_past_the_last_step_fails_at_parse_time():
+    phases = [{"step": 0, "trainable": ["router", "lora"]}, {"step": 2, "trainable": ["lora", "base_ffn"]}]
+    handoff = {"fade": [{"target": "ffn", "start_step": 2, "duration": 4}]}
+    fields = dict(mode="moe_expert_lora", num_experts=2, expert_top_k=1, phases=phases, handoff=handoff)
+    with pytest.raises(ValueError, match="the ffn fade starts at step 2 but the last optimizer step is 2"):
+        TrainingConfig(max_steps=3, **fields)
+    TrainingConfig(max_steps=10, **fields)
+    TrainingConfig(num_train_epochs=1, **fields)  # the step count is known only to the trainer

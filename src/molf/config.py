@@ -109,7 +109,9 @@ class TrainingConfig(TrainConfig, DataConfig, EvalConfig, OptimConfig, MoLFConfi
     def _check_strategy(self) -> None:
         from molf.model.strategies import validate_strategy
 
-        for message in validate_strategy(self, self.mode, None):
+        # With --max_steps the step-range rules (a phase or fade past the last step) apply here already,
+        # so --validate_only catches them; with epochs they wait for the trainer's step count.
+        for message in validate_strategy(self, self.mode, self.max_steps if self.max_steps > 0 else None):
             warnings.warn(message, stacklevel=3)
 
     def _check_environment(self) -> None:

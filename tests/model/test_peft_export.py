@@ -106,3 +106,26 @@ def test_routed_strategies_are_refused(tmp_path, mode):
 def test_plain_model_is_refused(tmp_path):
     with pytest.raises(ValueError, match="no LoRALinear or MoLFLinear"):
         save_peft_adapter(small_model("qwen2"), tmp_path)
+
+
+@pytest.mark.parametrize("phases, warns", [([{"step": 0, "trainable": ["lora"]}], False),
+                                           ([{"step": 0, "trainable": ["lora", "base_ffn"]},
+                                             {"step": 3, "trainable": ["lora"]}], True)])
+def test_dense_lora_base_weights_trained_in_an_earlier_phase_are_warned_about(tmp_path, phases, warns):
+    import warnings
+
+    from molf.config import TrainingConfig
+    from molf.train.export import merged_model
+
+    model = small_model()
+    cfg = TrainingConfig(model_name_or_path="tiny-qwen2", mode="dense_lora", lora_rank=4, phases=phases)
+    runtime = apply_strategy(model, cfg, "dense_lora")
+    for step in range(5):  # the base FFN trains in steps 0-2 (second plan), then is frozen again
+        runtime.on_step_begin(model, step)
+    assert not any(p.requires_grad for n, p in model.named_parameters() if ".base." in n)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        merged_model(model, cfg, tmp_path, runtime)
+    messages = [str(w.message) for w in caught if "not in the PEFT adapter" in str(w.message)]
+    assert bool(messages) == warns, messages
+    assert (tmp_path / "adapter" / ADAPTER_CONFIG).is_file()

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import warnings
 from pathlib import Path
-from typing import Optional
+from typing import Iterable, Optional
 
 import torch
 from torch import nn
@@ -64,20 +64,24 @@ def collect_adapters(model: nn.Module) -> dict[str, tuple[torch.Tensor, torch.Te
     return adapters
 
 
-def _warn_untracked_training(model: nn.Module, adapters: dict) -> None:
+def _warn_untracked_training(model: nn.Module, adapters: dict, trained: Optional[Iterable[nn.Parameter]]) -> None:
     adapter_params = set()
     for name in adapters:
         module = model.get_submodule(name)
         adapter_params |= {id(p) for p in (module.lora_A, module.lora_B)} if isinstance(module, LoRALinear) \
             else {id(p) for p in [*module.lora_A, *module.lora_B]}
-    trained = [n for n, p in model.named_parameters() if p.requires_grad and id(p) not in adapter_params]
+    trained_ids = {id(p) for p in trained} if trained is not None else \
+        {id(p) for p in model.parameters() if p.requires_grad}
+    trained = [n for n, p in model.named_parameters() if id(p) in trained_ids and id(p) not in adapter_params]
     if trained:
-        warnings.warn(f"{len(trained)} trainable parameters outside the adapters (e.g. {trained[0]}) are not in the "
-                      "PEFT adapter; the adapter reproduces the model only if they are still at their base values",
+        warnings.warn(f"{len(trained)} parameters outside the adapters (e.g. {trained[0]}) trained in this run and "
+                      "are not in the PEFT adapter; the adapter reproduces the model only if they are still at their "
+                      "base values (the merged final/ model holds everything)",
                       stacklevel=3)
 
 
-def save_peft_adapter(model: nn.Module, out_dir: str | Path, base_model_name_or_path: Optional[str] = None) -> Path:
+def save_peft_adapter(model: nn.Module, out_dir: str | Path, base_model_name_or_path: Optional[str] = None,
+                      trained: Optional[Iterable[nn.Parameter]] = None) -> Path:
     """Write ``model``'s adapters as a PEFT LoRA adapter into ``out_dir``.
 
     Args:
@@ -86,6 +90,9 @@ def save_peft_adapter(model: nn.Module, out_dir: str | Path, base_model_name_or_
         out_dir: directory to create.
         base_model_name_or_path: recorded in ``adapter_config.json`` (defaults to the model config's
             ``_name_or_path``).
+        trained: every parameter that trained at some point of the run (default: those with
+            ``requires_grad`` now); any outside the adapters gets a warning, as the adapter does not
+            hold them.
 
     Returns:
         ``out_dir`` as a ``Path``.
@@ -101,7 +108,7 @@ def save_peft_adapter(model: nn.Module, out_dir: str | Path, base_model_name_or_
         model.save_pretrained(out)
         return out
     adapters = collect_adapters(model)
-    _warn_untracked_training(model, adapters)
+    _warn_untracked_training(model, adapters, trained)
     ranks = {name: a.shape[0] for name, (a, _) in adapters.items()}
     r = max(ranks.values(), key=list(ranks.values()).count)
     pattern = {name: rank for name, rank in ranks.items() if rank != r}

@@ -33,7 +33,10 @@ def merged_model(model: nn.Module, cfg: Any, run_dir: Path, strategy_runtime: Op
     from molf.model.peft_export import save_peft_adapter
 
     if cfg.mode in ("dense_lora", "molf_e"):  # PEFT format: MoLF-E's experts fold into one adapter per module
-        save_peft_adapter(model, run_dir / ADAPTER_DIR, base_model_name_or_path=cfg.model_name_or_path)
+        # A phase plan may have trained (and since frozen) base weights the adapter does not hold.
+        trained = strategy_runtime.ever_trainable_parameters() if strategy_runtime is not None else None
+        save_peft_adapter(model, run_dir / ADAPTER_DIR, base_model_name_or_path=cfg.model_name_or_path,
+                          trained=trained)
     if strategy_runtime is not None:
         model = strategy_runtime.export(model)
         if cfg.mode != "dense_lora":

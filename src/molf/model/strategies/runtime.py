@@ -130,6 +130,11 @@ class StrategyRuntime:
         """Milestones (phase boundaries, fade and ramp edges) that happen at ``step``."""
         return [text for s, text in self._events if s == step]
 
+    def ever_trainable_parameters(self) -> list[nn.Parameter]:
+        """Parameters of every group some phase trains (an earlier phase's included, whatever trains now)."""
+        kinds = {kind for phase in self.phases for kind in phase.trainable}
+        return [p for kind in TRAINABLE_KINDS if kind in kinds for p in self.groups[kind]]
+
     def trainable_parameters(self) -> list[nn.Parameter]:
         """Parameters of the groups training now (the optimizer's parameters)."""
         return [p for kind in TRAINABLE_KINDS if kind in self.active for p in self.groups[kind]]
