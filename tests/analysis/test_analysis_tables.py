@@ -239,3 +239,18 @@ def test_a_bar_in_a_model_name_does_not_split_a_markdown_cell(tmp_path):
         table = table1_markdown(with_primary_metric(load_results([path]), {}))
     header, _, first = table.splitlines()[:3]
     assert "model\\|v2" in first and first.count(" | ") - first.count("\\| ") == header.count(" | ")
+
+
+def test_a_row_cut_inside_a_quoted_field_hides_no_other_row(tmp_path):
+    path = _write_med(tmp_path / "med.csv", [
+        {"run_name": "a", "other_hparams": '{"data": 1}', "accuracy": 40.0},
+        {"run_name": "b", "other_hparams": '{"data": 2}', "accuracy": 50.0},
+        {"run_name": "c", "other_hparams": '{"data": 3}', "accuracy": 60.0},
+    ])
+    lines = path.read_text().splitlines()
+    cut = lines[2][:lines[2].index('"{') + 5]  # a writer killed inside the quoted JSON of row "b"
+    path.write_text("\n".join([lines[0], lines[1], cut, lines[3]]) + "\n")
+    with pytest.warns(UserWarning, match="left out line\\(s\\) 3, which do not have the header's"):
+        results = load_results([path])
+    assert results.run_name.tolist() == ["a", "c"] and results.source_line.tolist() == [2, 4]
+    assert results.accuracy.tolist() == [40.0, 60.0]

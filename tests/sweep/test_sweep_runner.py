@@ -80,6 +80,18 @@ def test_done_detection(tmp_path):
     assert not is_done(grid_jobs("lora")[5], paths)
 
 
+def test_a_row_cut_inside_a_quoted_field_does_not_hide_the_next_run(tmp_path):
+    paths = RunPaths(str(tmp_path / "ckpts"), str(tmp_path / "logs"), str(tmp_path / "results"))
+    job = grid_jobs("lora")[4]
+    (tmp_path / "results").mkdir()
+    name = job_config(job, paths).run_name
+    # The appender's layout: a killed writer's row, cut inside a quote, then the next row on its own line.
+    (tmp_path / "results" / f"{job.task}.csv").write_text(
+        f'run_name,other_hparams,accuracy\nother,"{{""da\n{name},"{{}}",0.5\n', encoding="utf-8")
+    assert completed_run_names(paths.results_dir, job.task) == {name}
+    assert is_done(job, paths)
+
+
 @pytest.mark.parametrize("row, done", [
     ({"accuracy": "0.5", "num_eval_samples": ""}, True),
     ({"accuracy": "", "num_eval_samples": ""}, False),  # no metric: a row cut short by a killed writer

@@ -143,6 +143,15 @@ def test_a_resume_at_another_interval_is_noted_in_the_header(tmp_path):
     header = read_header(path)
     assert header["every"] == 1 and header["every_changes"] == [[3, 2]]
     assert read_routing_log(path).steps.tolist() == [1, 2, 3, 4]
+    # Resuming from an older checkpoint redoes the steps after it: the later change goes with them.
+    w = writer(path, every=2)
+    w.truncate_after(2)
+    w.start(decision(1).module_names, decision(1).expert_names, step=2)
+    w.close()
+    header = read_header(path)
+    assert header["every_changes"] == [[2, 2]] and read_routing_log(path).steps.tolist() == [1, 2]
+    writer(path, every=1).truncate_after(1)
+    assert "every_changes" not in read_header(path)
 
 
 def test_the_cutter_cuts_logs_this_run_does_not_write(tmp_path):

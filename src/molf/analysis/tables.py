@@ -10,6 +10,8 @@ within each (model, task) the methods whose printed value equals the best printe
 
 from __future__ import annotations
 
+import csv
+import io
 import math
 import warnings
 from pathlib import Path
@@ -17,7 +19,7 @@ from typing import Iterable, NamedTuple, Optional, Union
 
 import pandas as pd
 
-from molf.eval.results import TASK_METRICS
+from molf.eval.results import TASK_METRICS, read_lines
 
 PRIMARY_METRICS = {task: names[0] for task, names in TASK_METRICS.items()}  # what a task's rows are ranked by
 METHODS = {"fft": "FFT", "lora": "LoRA", "molf": "MoLF", "molf_e": "MoLF-E"}
@@ -72,7 +74,14 @@ def load_results(paths: Iterable[Union[str, Path]]) -> pd.DataFrame:
     for path in map(Path, paths):
         if not path.is_file():
             raise FileNotFoundError(f"no results CSV at {path}; the evaluators write results/<task>.csv")
-        frame = pd.read_csv(path)
+        header, rows, torn = read_lines(path)
+        if torn:
+            warnings.warn(f"{path}: left out line(s) {', '.join(map(str, torn))}, which do not have the header's "
+                          f"{len(header)} fields (rows cut short by a killed writer)", stacklevel=2)
+        buffer = io.StringIO()
+        csv.writer(buffer, lineterminator="\n").writerow(header)
+        buffer.write("\n".join(line for _, line in rows))
+        frame = pd.read_csv(io.StringIO(buffer.getvalue())) if header else pd.DataFrame()
         task = _task_of(path, frame)
         if task is None:
             skipped.append(str(path))
@@ -81,8 +90,7 @@ def load_results(paths: Iterable[Union[str, Path]]) -> pd.DataFrame:
         if absent:
             raise ValueError(f"{path} has no {' and no '.join(map(repr, absent))} column; a results CSV has the "
                              "evaluators' columns (README, 'Results CSVs')")
-        # Line 1 is the header.
-        frames.append(frame.assign(task=task, source_file=str(path), source_line=frame.index + 2))
+        frames.append(frame.assign(task=task, source_file=str(path), source_line=[number for number, _ in rows]))
     reason = (f"not evaluation results (named sql/med/fact.csv or with one of the columns "
               f"{sorted(_METRIC_TASK)})")
     if not frames:

@@ -77,6 +77,30 @@ def _read_header(path: Path) -> list[str] | None:
         return next(csv.reader(handle), None)
 
 
+def read_lines(path: str | os.PathLike) -> tuple[list[str], list[tuple[int, str]], list[int]]:
+    """A results CSV line by line: ``(header, rows, torn)``, ``rows`` the ``(line number, line)`` of
+    every row with as many fields as the header, ``torn`` the line numbers of the others.
+
+    The appender writes one row per line and starts a new line after a row cut short by a killed
+    writer, so each line is parsed on its own: a row cut inside a quoted field cannot swallow the rows
+    after it, as it would for a reader that lets quotes span lines. An empty file gives ``([], [], [])``.
+    """
+    with Path(path).open(encoding="utf-8", newline="") as handle:
+        lines = handle.read().splitlines()
+    if not lines:
+        return [], [], []
+    header = next(csv.reader([lines[0]]))
+    rows, torn = [], []
+    for number, line in enumerate(lines[1:], start=2):
+        if not line.strip():
+            continue
+        if len(next(csv.reader([line]))) == len(header):
+            rows.append((number, line))
+        else:
+            torn.append(number)
+    return header, rows, torn
+
+
 def _check_header(path: Path, header: list[str] | None, columns: tuple[str, ...]) -> None:
     if header is not None and header != list(columns):
         raise ValueError(f"{path} has columns {header}, not this task's schema {list(columns)}; "

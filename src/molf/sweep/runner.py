@@ -107,15 +107,18 @@ def completed_run_names(results_dir: str, task: str, num_eval_samples: Optional[
     A row counts when its task's primary metric is a number: a row cut short by a killed writer,
     or one without the metric, leaves its job to run again.
     """
-    from molf.eval.results import TASK_METRICS
+    from molf.eval.results import TASK_METRICS, read_lines
 
     path = Path(results_dir) / f"{task}.csv"
     if not path.is_file():
         return set()
     primary, cap = TASK_METRICS[task][0], "" if num_eval_samples is None else str(num_eval_samples)
-    with path.open(newline="", encoding="utf-8") as handle:
-        return {row["run_name"] for row in csv.DictReader(handle)
-                if row.get("run_name") and _is_number(row.get(primary)) and (row.get("num_eval_samples") or "") == cap}
+    header, rows, _ = read_lines(path)  # line by line: a row cut inside a quoted field hides no other row
+    done = set()
+    for row in csv.DictReader((line for _, line in rows), fieldnames=header):
+        if row.get("run_name") and _is_number(row.get(primary)) and (row.get("num_eval_samples") or "") == cap:
+            done.add(row["run_name"])
+    return done
 
 
 def _is_number(text: Optional[str]) -> bool:

@@ -9,7 +9,7 @@ from typing import Any, Optional, Sequence
 
 from transformers import TrainerCallback
 
-from molf.train.routing_log import RoutingLogWriter, truncate_jsonl
+from molf.train.routing_log import RoutingLogWriter, truncate_jsonl, truncate_routing_log
 
 METRICS_FILENAME = "metrics.jsonl"
 
@@ -63,7 +63,7 @@ class RunLogsCutter(TrainerCallback):
 
     def on_train_begin(self, args, state, control, **kwargs):
         if state.is_world_process_zero:
-            truncate_jsonl(self.routing_log, state.global_step)
+            truncate_routing_log(self.routing_log, state.global_step)
             # The end-of-training summary of a finished run resumed from its last checkpoint is
             # written again at the end; keep one.
             truncate_jsonl(self.metrics, state.global_step, drop=lambda record: "train_runtime" in record)

@@ -87,6 +87,21 @@ def replace_first_line(path: Path, record: dict[str, Any]) -> None:
     os.replace(tmp, path)
 
 
+def truncate_routing_log(path: Path, step: int) -> None:
+    """``truncate_jsonl`` for a routing log resumed at ``step``; the header's ``every_changes`` entries
+    from ``step`` on (made by a later resume that is being redone) go too."""
+    truncate_jsonl(path, step)
+    header = read_header(path)
+    if header is not None and "every_changes" in header:
+        kept = [change for change in header["every_changes"] if change[0] < step]
+        if kept != header["every_changes"]:
+            if kept:
+                header["every_changes"] = kept
+            else:
+                del header["every_changes"]
+            replace_first_line(path, header)
+
+
 class RoutingLogWriter:
     """Appends routing decisions to ``<run_dir>/molf_routing.jsonl``; the header is written once.
 
@@ -106,7 +121,7 @@ class RoutingLogWriter:
 
     def truncate_after(self, step: int) -> None:
         """Keep the header and the step lines with ``step <= step``; drop a torn last line."""
-        truncate_jsonl(self.path, step)
+        truncate_routing_log(self.path, step)
 
     def start(self, module_names: Sequence[str], expert_names: Sequence[str], step: int) -> None:
         """Write the header at the start of training (``step`` = the optimizer steps already taken), so
