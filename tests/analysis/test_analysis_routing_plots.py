@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from molf.analysis.routing_log import read_routing_log
-from molf.analysis.routing_plots import FIGURES, _step_extent, plot_routing
+from molf.analysis.routing_plots import FIGURES, plot_routing, step_columns, step_edges
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -72,5 +72,22 @@ def test_single_step_log_plots_without_warnings(tmp_path):
         warnings.simplefilter("error")  # matplotlib warns on a zero-width extent
         paths = plot_routing(read_routing_log(tmp_path), tmp_path / "figs")
     _assert_pngs(paths, tmp_path / "figs")
-    assert _step_extent(np.array([7, 7])) == (6.5, 7.5)
-    assert _step_extent(np.array([0, 10, 20])) == (0, 20)
+    assert step_edges(np.array([7])).tolist() == [6.5, 7.5]
+    assert step_edges(np.array([10, 20, 30])).tolist() == [5, 15, 25, 35]
+
+
+def test_heatmap_columns_sit_at_their_steps_when_the_logging_interval_changes():
+    # Steps 1-10 logged every step (FFT), then 20..1000 every 20 (LoRA): a resume with another interval.
+    steps = np.concatenate([np.arange(1, 11), np.arange(20, 1001, 20)])
+    share = (steps <= 10).astype(np.float64)[None, :]  # (1 layer, S) FFT share
+    columns, edges = step_columns(share, steps)
+    assert columns.shape == (1, len(steps)) and edges.tolist()[:3] == [0.5, 1.5, 2.5]
+    assert edges[10] == 15.0 and edges[-1] == 1010.0  # step 10's column ends halfway to step 20
+    # Over the column budget, columns have equal step width and average the steps inside them.
+    steps = np.concatenate([np.arange(1, 301), np.arange(320, 3001, 20)])
+    share = (steps <= 150).astype(np.float64)[None, :]
+    columns, edges = step_columns(share, steps)
+    assert columns.shape == (1, 200) and np.allclose(np.diff(edges), np.diff(edges)[0])
+    centres = (edges[:-1] + edges[1:]) / 2
+    full = np.isfinite(columns[0])
+    assert np.all(columns[0][full & (centres < 140)] == 1.0) and np.all(columns[0][full & (centres > 160)] == 0.0)

@@ -66,18 +66,37 @@ def _save_share_lines(fig: Figure, ax, path: Path, title: str, window: int, ylab
     return path
 
 
-def _binned(share: np.ndarray, steps: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Average (L, S) over at most ``_MAX_POINTS`` contiguous step bins; returns (L, B) and bin edges' steps."""
-    bins = np.array_split(np.arange(share.shape[1]), min(share.shape[1], _MAX_POINTS))
-    binned = np.stack([share[:, b].mean(axis=1) for b in bins], axis=1)
-    return binned, np.array([steps[b[0]] for b in bins] + [steps[-1]])
+def step_edges(steps: np.ndarray) -> np.ndarray:
+    """Column edges along the step axis, one column per logged step: each column reaches halfway to
+    the neighbouring logged steps (the end columns as far out as inward), so unevenly logged steps (a
+    resume with another ``--routing_log_every``) sit where they were logged. A single step gets a
+    column one step wide, centred on it."""
+    steps = np.asarray(steps, dtype=np.float64)
+    if len(steps) == 1:
+        return np.array([steps[0] - 0.5, steps[0] + 0.5])
+    mids = (steps[1:] + steps[:-1]) / 2
+    return np.concatenate([[2 * steps[0] - mids[0]], mids, [2 * steps[-1] - mids[-1]]])
 
 
-def _step_extent(edges: np.ndarray) -> tuple[float, float]:
-    """The heatmap's x range; a single logged step gets a column one step wide, centred on it."""
-    if edges[-1] == edges[0]:
-        return edges[0] - 0.5, edges[0] + 0.5
-    return edges[0], edges[-1]
+def step_columns(share: np.ndarray, steps: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The heatmap's columns of an ``(L, S)`` share: ``(L, B)`` values and their ``B + 1`` step edges.
+
+    Up to ``_MAX_POINTS`` logged steps, one column each (``step_edges``); beyond, ``_MAX_POINTS``
+    columns of equal step width, each the mean of the logged steps that fall in it (NaN where none
+    does), so the columns follow the step values, not the order of the lines.
+    """
+    edges = step_edges(steps)
+    if share.shape[1] <= _MAX_POINTS:
+        return share, edges
+    edges = np.linspace(edges[0], edges[-1], _MAX_POINTS + 1)
+    column = np.clip(np.searchsorted(edges, steps, side="right") - 1, 0, _MAX_POINTS - 1)
+    onehot = np.zeros((share.shape[1], _MAX_POINTS))
+    onehot[np.arange(share.shape[1]), column] = 1.0
+    finite = np.isfinite(share)
+    sums = np.where(finite, share, 0.0) @ onehot
+    counts = finite.astype(np.float64) @ onehot
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(counts > 0, sums / counts, np.nan), edges
 
 
 def plot_layer_heatmap(log: RoutingLog, path: Path) -> Path:
@@ -87,9 +106,9 @@ def plot_layer_heatmap(log: RoutingLog, path: Path) -> Path:
     ax = fig.add_subplot()
     label = focus_label(log)
     if share.size:
-        binned, edges = _binned(share, log.steps)
-        image = ax.imshow(binned, aspect="auto", origin="lower", cmap="viridis", vmin=0.0, vmax=1.0,
-                          interpolation="nearest", extent=(*_step_extent(edges), -0.5, len(layers) - 0.5))
+        columns, edges = step_columns(share, log.steps)
+        image = ax.pcolormesh(edges, np.arange(len(layers) + 1) - 0.5, np.ma.masked_invalid(columns),
+                              cmap="viridis", vmin=0.0, vmax=1.0, shading="flat")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         stride = max(1, len(layers) // 16)
         ax.set_yticks(range(0, len(layers), stride))
