@@ -312,3 +312,26 @@ def test_with_max_steps_a_handoff_past_the_last_step_fails_at_parse_time():
         TrainingConfig(max_steps=3, **fields)
     TrainingConfig(max_steps=10, **fields)
     TrainingConfig(num_train_epochs=1, **fields)  # the step count is known only to the trainer
+
+
+@pytest.mark.parametrize("extra, dropped", [
+    ({"preflight": True}, "--preflight True"),
+    ({"do_eval": False}, "--do_eval False"),
+    ({"overwrite_run_dir": True}, "--overwrite_run_dir True"),
+    ({"resume_from_checkpoint": "auto"}, "--resume_from_checkpoint"),
+])
+def test_only_eval_refuses_flags_it_would_ignore(extra, dropped):
+    with pytest.raises(ValueError, match=f"--only_eval evaluates <run_dir>/final and nothing else; drop {dropped}"):
+        TrainingConfig(only_eval=True, **extra)
+
+
+def test_tiny_model_names_are_checked_at_parse_time():
+    with pytest.raises(ValueError, match="unknown tiny model family 'nofamily'"):
+        TrainingConfig(model_name_or_path="tiny-nofamily")
+    with pytest.raises(ValueError, match="hidden_size takes a number, got 'abc'"):
+        TrainingConfig(model_name_or_path="tiny-qwen2:hidden_size=abc")
+    with pytest.warns(UserWarning, match="'hidden_sise' is not a field of Qwen2Config"):
+        TrainingConfig(model_name_or_path="tiny-qwen2:hidden_sise=128")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        TrainingConfig(model_name_or_path="tiny-qwen2:hidden_size=32,head_dim=8")

@@ -126,8 +126,18 @@ class TrainingConfig(TrainConfig, DataConfig, EvalConfig, OptimConfig, MoLFConfi
                                  "or pick another value")
         if self.validate_only and self.preflight:
             raise ValueError("--validate_only and --preflight exclude each other: pick one")
-        if self.only_eval and self.resume_from_checkpoint:
-            raise ValueError("--only_eval evaluates <run_dir>/final; drop --resume_from_checkpoint")
+        if self.only_eval:
+            clash = [flag for flag, value in (("--resume_from_checkpoint", self.resume_from_checkpoint),
+                                              ("--preflight True", self.preflight),
+                                              ("--overwrite_run_dir True", self.overwrite_run_dir),
+                                              ("--do_eval False", not self.do_eval)) if value]
+            if clash:
+                raise ValueError(f"--only_eval evaluates <run_dir>/final and nothing else; drop {', '.join(clash)}")
+        if self.model_name_or_path.startswith("tiny-"):  # an unknown family or setting fails here, not after loading
+            from molf.model.tiny import check_tiny_name
+
+            for message in check_tiny_name(self.model_name_or_path):
+                warnings.warn(message, stacklevel=3)
 
     def _ignored_knobs(self) -> list[str]:
         defaults, messages = _defaults(), []

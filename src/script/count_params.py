@@ -11,7 +11,7 @@ from __future__ import annotations
 import sys
 from typing import Optional, Sequence
 
-from molf._cli import run_cli
+from molf._cli import report_error, run_cli
 from molf.config import parse_config
 
 
@@ -28,12 +28,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 2
     try:
         model = load_model(cfg.model_name_or_path, model_dtype(cfg.precision), cfg.attn_implementation, cfg.seed)
-    except OSError as err:  # a hub id with no network or no such model
-        print(f"error: {' '.join(str(err).split())}", file=sys.stderr)
-        return 1
-    before = count_parameters(model)
-    runtime = attach_strategy(model, cfg)
-    model = apply_mode(model, cfg)
+        before = count_parameters(model)
+        runtime = attach_strategy(model, cfg)
+        model = apply_mode(model, cfg)
+    except (ValueError, OSError) as err:  # no network for a hub id; target modules the model does not have
+        return report_error(err, 1)
     print(f"{cfg.model_name_or_path}, mode {cfg.mode}")
     print(format_counts(count_parameters(model), before))
     if runtime is not None:

@@ -50,6 +50,9 @@ def check_local_paths(cfg: TrainingConfig) -> None:
         if path is not None:
             resolve_split_file(Path(path), split)
         check_task_file(cfg.results_dir, cfg.dataset_type)  # a results CSV the row could not be appended to
+    if cfg.only_eval and not (cfg.run_dir / "final").is_dir():
+        raise FileNotFoundError(f"--only_eval needs a trained model at {cfg.run_dir / 'final'}; train this config "
+                                "first (the run directory follows from the training flags, so pass the same ones)")
     if not cfg.only_eval:
         from molf.train.build import outputs_to_clear, resolve_resume
 

@@ -238,3 +238,17 @@ def test_count_params_script(capsys):
     # 7 wrapped linears per layer, 2 layers; experts of ranks 4 and 8 hold (in + out) * 12 each.
     per_layer = (32 + 32) * 2 + (32 + 16) * 2 + (32 + 64) * 3  # q, o; k, v (2 kv heads); gate, up, down
     assert int(lora_line.split()[1].replace(",", "")) == 12 * 2 * per_layer
+
+
+def test_count_params_target_modules_the_model_lacks_is_one_error_line(capsys):
+    argv = ["--model_name_or_path", TINY, "--mode", "molf", "--molf_target_modules", "nonexistent"]
+    assert load_script("count_params").main(argv) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: no linear matches molf_target_modules") and "Traceback" not in err
+
+
+def test_only_eval_without_a_final_model_exits_2_before_loading(tmp_path, capsys, monkeypatch):
+    script = load_script("train")
+    monkeypatch.setattr(script, "only_eval", lambda cfg: pytest.fail("evaluated"))
+    assert script.main(flags(tmp_path, "--only_eval", "True")) == 2
+    assert "--only_eval needs a trained model at" in capsys.readouterr().err

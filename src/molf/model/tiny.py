@@ -83,6 +83,30 @@ def _parse_value(text: str) -> Any:
     return text
 
 
+def check_tiny_name(name: str) -> list[str]:
+    """Check a ``tiny-<family>[:key=value,...]`` name without building anything; returns warnings.
+
+    Raises:
+        ValueError: an unknown family, a malformed override, or a text value for a numeric field.
+    """
+    family, overrides = parse_tiny_name(name)
+    defaults = _config_class(family)()
+    messages = []
+    for key, value in overrides.items():
+        default = getattr(defaults, key, None)
+        numeric = isinstance(default, (int, float)) and not isinstance(default, bool)
+        if numeric and (isinstance(value, bool) or not isinstance(value, (int, float))):
+            raise ValueError(f"{name!r}: {key} takes a number, got {value!r}")
+        if not hasattr(defaults, key) and key not in _PASSED_THROUGH:
+            messages.append(f"{name!r}: {key!r} is not a field of {type(defaults).__name__}; it is passed to the "
+                            "config as is, which most likely ignores it (check the spelling)")
+    return messages
+
+
+# Read by the models although their config classes do not define them by default.
+_PASSED_THROUGH = ("head_dim", "rope_theta", "attention_bias")
+
+
 def is_tiny_name(name: str) -> bool:
     return name.startswith(TINY_PREFIX)
 
