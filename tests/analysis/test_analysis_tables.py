@@ -254,3 +254,18 @@ def test_a_row_cut_inside_a_quoted_field_hides_no_other_row(tmp_path):
         results = load_results([path])
     assert results.run_name.tolist() == ["a", "c"] and results.source_line.tolist() == [2, 4]
     assert results.accuracy.tolist() == [40.0, 60.0]
+
+
+def test_a_count_of_failures_ranks_lowest_first(tmp_path):
+    path = _write_med(tmp_path / "med.csv", [
+        {"run_name": "fft-a", "mode": "fft", "learning_rate": 1e-4, "accuracy": 50.0, "invalid_answers": 9},
+        {"run_name": "fft-b", "mode": "fft", "learning_rate": 5e-5, "accuracy": 40.0, "invalid_answers": 3},
+        {"run_name": "lora", "mode": "lora", "accuracy": 45.0, "invalid_answers": 5},
+    ])
+    results = with_primary_metric(load_results([path]), {"med": "invalid_answers"})
+    _, _, cells = table1(results)
+    assert cells[(QWEN, "med", "fft")].value == 3 and "lr 5e-05" in cells[(QWEN, "med", "fft")].hparams
+    assert cells[(QWEN, "med", "fft")].is_best and not cells[(QWEN, "med", "lora")].is_best
+    assert list(long_table(results).metric) == [3, 9, 5]  # fft runs best first, then lora
+    accuracy = table1(with_primary_metric(load_results([path])))[2]
+    assert accuracy[(QWEN, "med", "fft")].value == 50.0 and accuracy[(QWEN, "med", "fft")].is_best

@@ -22,6 +22,13 @@ import pandas as pd
 from molf.eval.results import TASK_METRICS, read_lines
 
 PRIMARY_METRICS = {task: names[0] for task, names in TASK_METRICS.items()}  # what a task's rows are ranked by
+# Metrics where less is better (counts of failures); every other metric ranks higher first.
+LOWER_IS_BETTER = frozenset({"invalid_answers"})
+
+
+def _direction(metric_names: pd.Series) -> pd.Series:
+    """+1 where a higher value of the row's metric is better, -1 where a lower one is."""
+    return metric_names.map(lambda name: -1.0 if name in LOWER_IS_BETTER else 1.0).astype(float)
 METHODS = {"fft": "FFT", "lora": "LoRA", "molf": "MoLF", "molf_e": "MoLF-E"}
 TASK_ORDER = ["sql", "med", "fact"]
 
@@ -217,15 +224,17 @@ def configurations(results: pd.DataFrame) -> pd.DataFrame:
 
 
 def best_per_cell(results: pd.DataFrame) -> pd.DataFrame:
-    """One row per (model, task, mode): the configuration with the highest mean primary metric over its
-    runs (on ties the one whose first run is the earliest), as ``configurations`` gives it, with
-    ``hparams`` (the text under its value in Table 1)."""
+    """One row per (model, task, mode): the configuration with the best mean primary metric over its
+    runs (the highest, or the lowest for ``LOWER_IS_BETTER`` metrics; on ties the one whose first run
+    is the earliest), as ``configurations`` gives it, with ``hparams`` (the text under its value in
+    Table 1)."""
     configs = configurations(results)
     # pandas applies ``kind`` to one-column sorts only: the explicit position keeps ties in first-appearance order.
     configs["_order"] = range(len(configs))
-    order = configs.sort_values(["metric", "first_run", "_order"], ascending=[False, True, True], kind="stable",
+    configs["_rank"] = configs["metric"] * _direction(configs["metric_name"])
+    order = configs.sort_values(["_rank", "first_run", "_order"], ascending=[False, True, True], kind="stable",
                                 na_position="last")
-    best = order.groupby(["model", "task", "mode"], sort=False).head(1).drop(columns="_order")
+    best = order.groupby(["model", "task", "mode"], sort=False).head(1).drop(columns=["_order", "_rank"])
     best = best.assign(hparams=[_cell_hparams(results[(results.model == r.model) & (results.task == r.task)
                                                       & (results["mode"] == r["mode"])], r)
                                 for _, r in best.iterrows()])
@@ -265,7 +274,7 @@ def table1(results: pd.DataFrame, digits: int = 2) -> tuple[list[str], list[tupl
                for mode in _ordered(best.loc[best.task == task, "mode"], list(METHODS))]
     cells = {}
     for (model, task), group in best.groupby(["model", "task"], sort=False):
-        printed = group["metric"].map(lambda value: float(_printed(value, digits)))
+        printed = group["metric"].map(lambda value: float(_printed(value, digits))) * _direction(group["metric_name"])
         for (_, row), shown in zip(group.iterrows(), printed):
             cells[(model, task, row["mode"])] = Cell(row["metric"], row["metric_std"], int(row["num_runs"]),
                                                      row["hparams"], shown == printed.max())
@@ -350,7 +359,8 @@ def long_table(results: pd.DataFrame) -> pd.DataFrame:
     frame = results.copy()
     frame["_task"] = frame["task"].map({t: i for i, t in enumerate(TASK_ORDER)}).fillna(len(TASK_ORDER))
     frame["_mode"] = frame["mode"].map({m: i for i, m in enumerate(METHODS)}).fillna(len(METHODS))
-    frame = frame.sort_values(["_task", "task", "model", "_mode", "mode", "metric"],
+    frame["_rank"] = frame["metric"] * _direction(frame["metric_name"])
+    frame = frame.sort_values(["_task", "task", "model", "_mode", "mode", "_rank"],
                               ascending=[True, True, True, True, True, False], kind="stable")
     return frame[[c for c in LONG_COLUMNS if c in frame.columns]].reset_index(drop=True)
 
