@@ -24,11 +24,6 @@ from molf.eval.results import TASK_METRICS, read_lines
 PRIMARY_METRICS = {task: names[0] for task, names in TASK_METRICS.items()}  # what a task's rows are ranked by
 # Metrics where less is better (counts of failures); every other metric ranks higher first.
 LOWER_IS_BETTER = frozenset({"invalid_answers"})
-
-
-def _direction(metric_names: pd.Series) -> pd.Series:
-    """+1 where a higher value of the row's metric is better, -1 where a lower one is."""
-    return metric_names.map(lambda name: -1.0 if name in LOWER_IS_BETTER else 1.0).astype(float)
 METHODS = {"fft": "FFT", "lora": "LoRA", "molf": "MoLF", "molf_e": "MoLF-E"}
 TASK_ORDER = ["sql", "med", "fact"]
 
@@ -221,6 +216,11 @@ def configurations(results: pd.DataFrame) -> pd.DataFrame:
     first = frame.loc[~codes.duplicated(), columns + ["metric_name"]].reset_index(drop=True)
     return first.assign(metric=metric.mean(), metric_std=metric.std(ddof=1), num_runs=metric.size(),
                         first_run=time.groupby(codes).min())
+
+
+def _direction(metric_names: pd.Series) -> pd.Series:
+    """+1 where a higher value of the row's metric is better, -1 where a lower one is."""
+    return metric_names.map(lambda name: -1.0 if name in LOWER_IS_BETTER else 1.0).astype(float)
 
 
 def best_per_cell(results: pd.DataFrame) -> pd.DataFrame:
