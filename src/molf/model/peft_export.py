@@ -72,9 +72,9 @@ def _warn_untracked_training(model: nn.Module, adapters: dict, trained: Optional
             else {id(p) for p in [*module.lora_A, *module.lora_B]}
     trained_ids = {id(p) for p in trained} if trained is not None else \
         {id(p) for p in model.parameters() if p.requires_grad}
-    trained = [n for n, p in model.named_parameters() if id(p) in trained_ids and id(p) not in adapter_params]
-    if trained:
-        warnings.warn(f"{len(trained)} parameters outside the adapters (e.g. {trained[0]}) trained in this run and "
+    outside = [n for n, p in model.named_parameters() if id(p) in trained_ids and id(p) not in adapter_params]
+    if outside:
+        warnings.warn(f"{len(outside)} parameters outside the adapters (e.g. {outside[0]}) trained in this run and "
                       "are not in the PEFT adapter; the adapter reproduces the model only if they are still at their "
                       "base values (the merged final/ model holds everything)",
                       stacklevel=3)

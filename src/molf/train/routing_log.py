@@ -39,10 +39,12 @@ def step_record(decision: Any, step: int) -> dict[str, Any]:
     }
 
 
-def truncate_jsonl(path: Path, step: int, drop: Optional[Callable[[dict], bool]] = None) -> None:
+def truncate_jsonl(path: Path, step: int, drop: Optional[Callable[[dict], bool]] = None,
+                   edit_header: Optional[Callable[[dict], dict]] = None) -> None:
     """Rewrite a JSONL log (routing log or ``metrics.jsonl``) for a run resumed at ``step``: keep the
-    header and the lines with ``step <= step`` (except those ``drop`` picks), and stop at a torn last
-    line of a killed run. The file is replaced atomically, so a crash here loses nothing."""
+    header (through ``edit_header`` when given) and the lines with ``step <= step`` (except those
+    ``drop`` picks), and stop at a torn last line of a killed run. The file is replaced atomically, so
+    a crash here loses nothing."""
     path = Path(path)
     if not path.exists():
         return
@@ -55,7 +57,9 @@ def truncate_jsonl(path: Path, step: int, drop: Optional[Callable[[dict], bool]]
                 break  # a torn last line of a killed run
             if drop is not None and drop(record):
                 continue
-            if record.get("type") == "header" or int(record.get("step", 0)) <= step:
+            if record.get("type") == "header" and edit_header is not None:
+                kept.append(json.dumps(edit_header(record), allow_nan=False) + "\n")
+            elif record.get("type") == "header" or int(record.get("step", 0)) <= step:
                 kept.append(line if line.endswith("\n") else line + "\n")
     tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.write_text("".join(kept), encoding="utf-8")
@@ -90,16 +94,12 @@ def replace_first_line(path: Path, record: dict[str, Any]) -> None:
 def truncate_routing_log(path: Path, step: int) -> None:
     """``truncate_jsonl`` for a routing log resumed at ``step``; the header's ``every_changes`` entries
     from ``step`` on (made by a later resume that is being redone) go too."""
-    truncate_jsonl(path, step)
-    header = read_header(path)
-    if header is not None and "every_changes" in header:
-        kept = [change for change in header["every_changes"] if change[0] < step]
-        if kept != header["every_changes"]:
-            if kept:
-                header["every_changes"] = kept
-            else:
-                del header["every_changes"]
-            replace_first_line(path, header)
+    def cut_changes(header: dict) -> dict:
+        kept = [change for change in header.get("every_changes", []) if change[0] < step]
+        rest = {key: value for key, value in header.items() if key != "every_changes"}
+        return {**rest, "every_changes": kept} if kept else rest
+
+    truncate_jsonl(path, step, edit_header=cut_changes)
 
 
 class RoutingLogWriter:
