@@ -12,7 +12,7 @@ import pytest
 
 from molf.data import DataConfig, build_train_dataset, load_examples
 from molf.data.encoding import IGNORE_INDEX
-from molf.data.io import load_file
+from molf.data.io import MalformedRecordError, load_file
 from molf.data.overlap import drop_overlap, find_overlap
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
@@ -194,3 +194,38 @@ def test_overlap_is_checked_against_a_data_directory_eval_file_only_when_there_i
     cfg = _cfg(dataset_type="med", data_path=str(tmp_path / "train.jsonl"), drop_eval_overlap=True)
     assert len(build_train_dataset(cfg, tokenizer, 0)) == len(train_rows)
     assert "overlap" not in caplog.text.lower() and "eval" not in caplog.text.lower()
+
+
+@pytest.mark.parametrize("name, text", [("train.jsonl", ""), ("train.jsonl", "\n\n"), ("train.json", "[]"),
+                                        ("train.csv", "question,opa,opb,opc,opd,cop\n")])
+def test_a_file_without_rows_is_a_clear_error(tmp_path, tokenizer, name, text):
+    (tmp_path / name).write_text(text)
+    with pytest.raises(MalformedRecordError, match=rf"{name} holds no rows"):
+        build_train_dataset(_cfg(dataset_type="med", data_path=str(tmp_path / name)), tokenizer, 0)
+    with pytest.raises(MalformedRecordError, match=rf"{name} holds no rows"):
+        load_examples(_cfg(dataset_type="sql", data_path=str(FIXTURES / "sql"), eval_data_path=str(tmp_path / name)),
+                      "eval")
+
+
+def test_json_array_errors_name_the_record_or_the_line(tmp_path):
+    (tmp_path / "items.json").write_text('["What is the question?", "another"]')
+    with pytest.raises(MalformedRecordError, match=r"items.json record 0: expected a JSON object, got str"):
+        load_file(tmp_path / "items.json")
+    rows = "[\n" + ",\n".join(['{"question": "q", "opa": "a"}'] * 5) + ",\n]\n"  # a trailing comma, line 7
+    (tmp_path / "comma.json").write_text(rows)
+    with pytest.raises(MalformedRecordError, match=r"comma.json:7: not valid JSON"):
+        load_file(tmp_path / "comma.json")
+    # a ".json" file of JSON lines still loads, and its broken line is named
+    (tmp_path / "lines.json").write_text('{"a": 1}\n{"a": 2}\n{"a": \n')
+    with pytest.raises(MalformedRecordError, match=r"lines.json:3: not valid JSON"):
+        load_file(tmp_path / "lines.json")
+    (tmp_path / "lines.json").write_text('{"a": 1}\n{"a": 2}\n')
+    assert [row.fields["a"] for row in load_file(tmp_path / "lines.json")] == [1, 2]
+
+
+def test_overlap_that_leaves_no_training_row_says_so(tmp_path, tokenizer):
+    med_dir = FIXTURES / "med"
+    shutil.copy(med_dir / "train.jsonl", tmp_path / "train.jsonl")
+    shutil.copy(med_dir / "train.jsonl", tmp_path / "validation.jsonl")
+    with pytest.raises(ValueError, match="dropped as an eval-set overlap"):
+        build_train_dataset(_cfg(dataset_type="med", data_path=str(tmp_path), drop_eval_overlap=True), tokenizer, 0)

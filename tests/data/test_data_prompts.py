@@ -165,3 +165,29 @@ def test_fact_prompt_list_of_wrong_type_names_file_and_field():
     record = {"prompt": "p", "subject": "s", "target_new": "n", "ground_truth": "g", "rephrase_prompt": 5}
     with pytest.raises(MalformedRecordError, match=r"cf:9: field 'rephrase_prompt' must be a string or a list"):
         fact.parse_rows([Row(record, "cf:9")])
+
+
+def test_a_nan_optional_field_is_absent_not_the_text_nan(tmp_path):
+    # json.loads reads NaN; an optional field holding it means "not there", as a null does.
+    (tmp_path / "sql.jsonl").write_text('{"sql_prompt": "How many rows?", "sql_context": NaN, "sql": "SELECT 1"}\n')
+    (tmp_path / "med.jsonl").write_text('{"question": "Q?", "opa": "a", "opb": "b", "opc": "c", "opd": "d", "cop": 0, '
+                                        '"subject_name": NaN}\n')
+    (tmp_path / "cf.jsonl").write_text('{"prompt": "p", "subject": "s", "target_new": "n", "ground_truth": "g", '
+                                       '"rephrase_prompt": NaN, "locality_prompt": NaN, '
+                                       '"locality_ground_truth": NaN}\n')
+    [example] = sql.parse_rows(load_file(tmp_path / "sql.jsonl"), sql.spider_paths(None, None, None))
+    assert example.context == "" and "### Context" not in example.prompt and "nan" not in example.prompt
+    assert med.parse_rows(load_file(tmp_path / "med.jsonl"), index_base=0)[0].subject is None
+    [fact_example] = fact.parse_rows(load_file(tmp_path / "cf.jsonl"))
+    assert fact_example.rephrase_prompts == () and fact_example.locality_prompts == ()
+    assert fact_example.locality_ground_truth is None
+
+
+def test_a_broken_spider_schema_file_is_named(tmp_path):
+    (tmp_path / "tables.json").write_text('[{"db_id": "a", "table_names_original": ["t"],}]')
+    with pytest.raises(MalformedRecordError, match=r"tables.json line 1: not valid JSON \(.*column"):
+        sql.load_spider_schemas(tmp_path / "tables.json")
+    first = (FIXTURES / "sql" / "spider_tables.jsonl").read_text().splitlines()[0]
+    (tmp_path / "tables.jsonl").write_text(first + '\n{"db_id": "b"}\n')
+    with pytest.raises(MalformedRecordError, match=r"tables.jsonl line 2: not a Spider table record.*column_names"):
+        sql.load_spider_schemas(tmp_path / "tables.jsonl")

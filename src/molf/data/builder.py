@@ -126,6 +126,9 @@ def build_train_dataset(cfg: Any, tokenizer, seed: int) -> Dataset:
         logger.warning("cut the prompts of %d of %d training rows from the left to fit max_seq_length=%s (by %d "
                        "tokens at most, the start of the question is lost); raise --max_seq_length to keep them "
                        "whole", len(cuts), len(examples), cfg.max_seq_length, max(cuts))
-    if not columns["input_ids"]:
+    if not columns["input_ids"] and dropped:
         raise ValueError(f"no training row fits max_seq_length={cfg.max_seq_length}; raise it or omit it")
+    if not columns["input_ids"]:
+        raise ValueError("no training rows are left (every row was dropped as an eval-set overlap); pass "
+                         "--drop_eval_overlap False or other training data")
     return Dataset.from_dict(columns)

@@ -16,7 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Optional
 
-from molf.data.io import MalformedRecordError, Row, require
+from molf.data.io import MalformedRecordError, Row, optional, require
 
 HUB_ID = "azhx/counterfact"
 HUB_TRAIN_SPLIT = "train"
@@ -49,7 +49,7 @@ def _text(row: Row, value, field: str) -> str:
 
 
 def _prompt_list(row: Row, field: str) -> tuple[str, ...]:
-    value = row.fields.get(field)
+    value = optional(row, field)  # missing, null, blank or NaN: no prompts
     if value is None:
         return ()
     # Parquet readers give list cells as numpy arrays: any non-string sequence of strings will do.
@@ -71,7 +71,7 @@ def _example(prompt: str, subject: str, new: str, true: str, rephrase, locality,
 
 def parse_easyedit(row: Row) -> FactExample:
     locality = _prompt_list(row, "locality_prompt")
-    truth = row.fields.get("locality_ground_truth")
+    truth = optional(row, "locality_ground_truth")
     if locality and truth is None:
         raise MalformedRecordError(f"{row.where}: field 'locality_ground_truth' is missing "
                                    "but 'locality_prompt' is set")

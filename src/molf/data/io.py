@@ -45,6 +45,12 @@ def require(row: Row, field: str) -> Any:
     return value
 
 
+def optional(row: Row, field: str) -> Any:
+    """``row.fields[field]``, or None when it is missing or empty (None, blank, NaN), for optional fields."""
+    value = row.fields.get(field)
+    return None if _is_empty(value) else value
+
+
 def _is_empty(value: Any) -> bool:
     """None, a blank string, or a float NaN (a null cell as pandas reads it, ``NaN`` in JSON)."""
     return (value is None or (isinstance(value, str) and not value.strip())
@@ -63,10 +69,16 @@ def load_rows(path: Optional[str], split: str, hub_id: str, hub_split: str) -> l
 
     Raises:
         FileNotFoundError: ``path`` does not exist or a directory holds no file for the split.
+        MalformedRecordError: the file (or hub split) holds no rows, or a record is not valid.
     """
     if path is None:
-        return _load_hub(hub_id, hub_split)
-    return load_file(resolve_split_file(Path(path), split))
+        rows, source = _load_hub(hub_id, hub_split), f"{hub_id}[{hub_split}]"
+    else:
+        file = resolve_split_file(Path(path), split)
+        rows, source = load_file(file), str(file)
+    if not rows:
+        raise MalformedRecordError(f"{source} holds no rows; pass a data file with at least one record")
+    return rows
 
 
 def resolve_split_file(path: Path, split: str) -> Path:
@@ -116,14 +128,22 @@ def _load_json(path: Path) -> list[Row]:
     text = path.read_text(encoding="utf-8-sig")
     try:
         data = json.loads(text)
-    except json.JSONDecodeError:
-        # Many ".json" files in the wild are JSON lines.
-        return _load_jsonl(path)
+    except json.JSONDecodeError as error:
+        # Many ".json" files in the wild are JSON lines: one object, then "extra data" on the next line.
+        if text.lstrip().startswith("{") and error.msg == "Extra data":
+            return _load_jsonl(path)
+        raise MalformedRecordError(f"{path}:{error.lineno}: not valid JSON ({error.msg}, column {error.colno})") \
+            from error
     if isinstance(data, dict):
         data = [data]
     if not isinstance(data, list):
-        raise MalformedRecordError(f"{path}: expected a JSON array of objects")
-    return [Row(record, f"{path} record {index}") for index, record in enumerate(data)]
+        raise MalformedRecordError(f"{path}: expected a JSON array of objects, got {type(data).__name__}")
+    rows = []
+    for index, record in enumerate(data):
+        if not isinstance(record, dict):
+            raise MalformedRecordError(f"{path} record {index}: expected a JSON object, got {type(record).__name__}")
+        rows.append(Row(record, f"{path} record {index}"))
+    return rows
 
 
 def _load_parquet(path: Path) -> list[Row]:

@@ -14,7 +14,7 @@ import re
 from dataclasses import dataclass
 from typing import Optional
 
-from molf.data.io import MalformedRecordError, Row, require
+from molf.data.io import MalformedRecordError, Row, optional, require
 
 HUB_ID = "openlifescienceai/medmcqa"
 HUB_TRAIN_SPLIT = "train"
@@ -67,7 +67,7 @@ def parse_row(row: Row, index_base: int) -> MedExample:
     question = str(require(row, "question")).strip()
     options = [str(require(row, field)).strip() for field in OPTION_FIELDS]
     letter = answer_letter(row, index_base)
-    subject = row.fields.get("subject_name")
+    subject = optional(row, "subject_name")
     return MedExample(prompt=build_prompt(question, options), target=f" {letter}", answer=letter,
                       question=question, subject=str(subject) if subject else None)
 

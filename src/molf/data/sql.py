@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from molf.data.io import MalformedRecordError, Row, require
+from molf.data.io import MalformedRecordError, Row, optional, require
 
 HUB_ID = "gretelai/synthetic_text_to_sql"
 HUB_TRAIN_SPLIT = "train"
@@ -86,11 +86,29 @@ def render_spider_schema(table: dict) -> str:
 def load_spider_schemas(tables_path: Path) -> dict[str, str]:
     if not tables_path.is_file():
         raise FileNotFoundError(f"Spider rows need the schema file {tables_path}; pass --spider_tables_path")
-    with tables_path.open(encoding="utf-8") as handle:
-        text = handle.read()
-    tables = (json.loads(text) if text.lstrip().startswith("[")
-              else [json.loads(line) for line in text.splitlines() if line.strip()])
-    return {table["db_id"]: render_spider_schema(table) for table in tables}
+    text = tables_path.read_text(encoding="utf-8-sig")
+    if text.lstrip().startswith("["):
+        tables = [(f"record {index}", table) for index, table in enumerate(_parse_json(tables_path, text, 0))]
+    else:
+        tables = [(f"line {number}", _parse_json(tables_path, line, number))
+                  for number, line in enumerate(text.splitlines(), start=1) if line.strip()]
+    schemas = {}
+    for where, table in tables:
+        try:
+            schemas[table["db_id"]] = render_spider_schema(table)
+        except (KeyError, TypeError, IndexError) as error:
+            raise MalformedRecordError(f"{tables_path} {where}: not a Spider table record ({type(error).__name__}: "
+                                       f"{error}); expected the fields db_id, table_names_original, "
+                                       "column_names_original, column_types") from error
+    return schemas
+
+
+def _parse_json(path: Path, text: str, line: int):
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as error:
+        where = f"line {line}" if line else f"line {error.lineno}"
+        raise MalformedRecordError(f"{path} {where}: not valid JSON ({error.msg}, column {error.colno})") from error
 
 
 def detect_layout(rows: list[Row]) -> str:
@@ -114,10 +132,10 @@ def _example(question: str, sql: str, context: str, db_path: Optional[Path] = No
 def parse_rows(rows: list[Row], paths: SpiderPaths) -> list[SQLExample]:
     layout = detect_layout(rows)
     if layout == "gretel":
-        return [_example(str(require(r, "sql_prompt")), str(require(r, "sql")), str(r.fields.get("sql_context") or ""))
+        return [_example(str(require(r, "sql_prompt")), str(require(r, "sql")), str(optional(r, "sql_context") or ""))
                 for r in rows]
     if layout == "create_context":
-        return [_example(str(require(r, "question")), str(require(r, "answer")), str(r.fields.get("context") or ""))
+        return [_example(str(require(r, "question")), str(require(r, "answer")), str(optional(r, "context") or ""))
                 for r in rows]
     schemas = load_spider_schemas(paths.tables)
     examples = []

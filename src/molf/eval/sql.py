@@ -33,10 +33,18 @@ _KEYWORDS = "WITH|SELECT|INSERT|UPDATE|DELETE|REPLACE|CREATE|DROP|ALTER|PRAGMA|V
 # A fence's language tag is a word that is not itself the query's first keyword (```SELECT a FROM t```).
 _FENCE = re.compile(rf"```(?:(?![ \t]*(?i:{_KEYWORDS})\b)[A-Za-z]*)?[ \t]*\n?(.*?)(?:```|$)", re.S)
 _SQL_START = re.compile(rf"\b({_KEYWORDS})\b", re.I)
+# A line that starts a statement of its own (VALUES only continues an INSERT).
+_STATEMENT_LINE = re.compile(
+    r"[ \t\r\n]*\(*[ \t]*(?:WITH|SELECT|INSERT|UPDATE|DELETE|REPLACE|CREATE|DROP|ALTER|PRAGMA)\b", re.I)
 _COMMENT = re.compile(r"--[^\n]*|/\*.*?(?:\*/|$)", re.S)
-# A line of prose after the query ("This query lists the names."): a capitalised word, two more words,
-# a closing '.', ':' or '!'. SQL lines do not look like that (keywords are upper or lower case).
-_PROSE_LINE = re.compile(r"[A-Z][a-z]+(?:\s+\S+){2,}[.:!]")
+# A line of prose after the query ("This query lists the names.", "Note: it counts rows."): a capitalised
+# word (and a ':'), two more words, a closing '.', ':' or '!'. SQL lines do not look like that (keywords
+# are upper or lower case).
+_PROSE_LINE = re.compile(r"[A-Z][a-z]+:?(?:\s+\S+){2,}[.:!]")
+# CREATE TABLE name (items), the name bare or quoted; not CREATE TABLE ... AS SELECT.
+_CREATE_TABLE = re.compile(r"CREATE\s+TABLE\s+(?:IF\s+NOT\s+EXISTS\s+)?(\"[^\"]+\"|`[^`]+`|\[[^\]]+\]|[^\s(]+)\s*"
+                           r"\((.*)\)", re.I | re.S)
+_TABLE_CONSTRAINT = re.compile(r"(?:CONSTRAINT|PRIMARY|FOREIGN|UNIQUE|CHECK)\b", re.I)
 _OPENING_PARENS = re.compile(r"(?:\(\s*)+$")  # "(" / "( (" right before the first keyword
 _CLOSING_QUOTE = {"'": "'", '"': '"', "`": "`", "[": "]"}
 # A runaway result (e.g. an accidental cross join) is cut here; it cannot match a sane gold result anyway.
@@ -46,9 +54,12 @@ MAX_VALUE_BYTES = 2**24
 
 
 def _first_statement(text: str) -> str:
-    """Text up to the first ';' outside quotes and comments, or up to a line that starts an Alpaca
-    '###' section or a code fence, or the end."""
+    """Text up to the first ';' or code fence outside quotes and comments, or up to a line that starts an
+    Alpaca '###' section, or the end; a second statement run on without a ';' is cut off
+    (see ``_first_of_run_on``)."""
     closing: Optional[str] = None  # the character or string that ends the quote or comment we are in
+    depth = 0  # parentheses open outside quotes and comments
+    breaks = []  # line breaks at depth 0 after which a line starts with a statement keyword
     index = 0
     while index < len(text):
         char = text[index]
@@ -56,18 +67,48 @@ def _first_statement(text: str) -> str:
             if text.startswith(closing, index):
                 index += len(closing) - 1
                 closing = None
+        elif char == ";" or text.startswith("```", index):  # a fence closed right after the query, too
+            return _first_of_run_on(text[:index], breaks)
         elif char in _CLOSING_QUOTE:
             closing = _CLOSING_QUOTE[char]
         elif text.startswith("--", index):
             closing = "\n"
         elif text.startswith("/*", index):
             closing = "*/"
-        elif char == ";":
-            return text[:index]
-        elif char == "\n" and text.startswith(("###", "```"), index + 1):
-            return text[:index]
+        elif char in "()":
+            depth = max(depth + (1 if char == "(" else -1), 0)
+        elif char == "\n":
+            if text.startswith(("###", "```"), index + 1):
+                return _first_of_run_on(text[:index], breaks)
+            if depth == 0 and _STATEMENT_LINE.match(text, index + 1):
+                breaks.append(index)
         index += 1
-    return text
+    return _first_of_run_on(text, breaks)
+
+
+def _first_of_run_on(statement: str, breaks: list[int]) -> str:
+    """``statement`` cut at the last of ``breaks`` before which it is one complete statement, when it
+    is not one statement as a whole: a generation that runs on into a second query without a ';'
+    ("SELECT a FROM t\n\nSELECT b FROM t"). Spider's gold queries have no ';', so models trained on them
+    end their queries with a line break. A line that continues the statement (the SELECT after
+    ``WITH c AS (...)`` or ``INSERT INTO t (a)``, after ``UNION``) is no break: the whole parses as one,
+    or the text before the line is no complete statement. The last such break, not the first, because
+    sqlglot accepts some unfinished text ("... WHERE a IN" before a line "(SELECT ...)"). Judged by
+    sqlglot's SQLite parser; what it cannot parse is left whole."""
+    if not breaks or _parses_as_one(statement):
+        return statement
+    for offset in reversed(breaks):
+        if _parses_as_one(statement[:offset]):
+            return statement[:offset]
+    return statement
+
+
+def _parses_as_one(text: str) -> bool:
+    try:
+        trees = [tree for tree in sqlglot.parse(text, read="sqlite") if tree is not None]
+    except sqlglot.errors.SqlglotError:
+        return False
+    return len(trees) == 1 and not isinstance(trees[0], exp.Command)
 
 
 def extract_sql(generated: str) -> str:
@@ -91,12 +132,15 @@ def extract_sql(generated: str) -> str:
 
 def _sql_start(text: str) -> Optional[re.Match]:
     """The keyword the query starts at: the first outside comments that is upper case or begins its
-    line (so the "with" of "a query with a join: SELECT ..." is passed over), else the first outside
-    comments."""
+    line (so the "with" of "a query with a join: SELECT ..." is passed over) and is not on a line ending
+    in ':' (so is the SELECT of "Here is the SELECT statement:"), else the first outside comments."""
     comments = [match.span() for match in _COMMENT.finditer(text)]
     candidates = [m for m in _SQL_START.finditer(text) if not any(a <= m.start() < b for a, b in comments)]
     for match in candidates:
         line_start = text.rfind("\n", 0, match.start()) + 1
+        line_end = text.find("\n", match.start())
+        if text[match.start():None if line_end < 0 else line_end].rstrip().endswith(":"):
+            continue  # a line that introduces the query ("Here is the SELECT statement:")
         if match.group().isupper() or not text[line_start:match.start()].strip(" \t("):
             return match
     return candidates[0] if candidates else None
@@ -118,6 +162,27 @@ def has_code(query: str) -> bool:
 
 
 def _connect(example: SQLExample, deadline: float) -> sqlite3.Connection:
+    connection = _open(example, deadline)
+    if example.db_path is None and example.context:
+        try:
+            connection.executescript(example.context)
+        except sqlite3.OperationalError as error:
+            if not re.search(r"already exists|duplicate column", str(error)):
+                connection.close()
+                raise
+            # sql-create-context declares a table once per alias of a self-join; build it once.
+            connection.close()
+            connection = _open(example, deadline)
+            try:
+                connection.executescript(merged_schema(example.context))
+            except BaseException:
+                connection.close()
+                raise
+    connection.set_authorizer(_no_attach)  # a generated ATTACH would create files on disk
+    return connection
+
+
+def _open(example: SQLExample, deadline: float) -> sqlite3.Connection:
     if example.db_path is not None:
         if not example.db_path.is_file():
             raise FileNotFoundError(f"Spider database {example.db_path} not found; pass --spider_databases_dir")
@@ -129,10 +194,67 @@ def _connect(example: SQLExample, deadline: float) -> sqlite3.Connection:
     # One huge string or blob (zeroblob(3e8)) is a single instruction that the handler cannot stop.
     if hasattr(connection, "setlimit"):  # Python 3.11+
         connection.setlimit(sqlite3.SQLITE_LIMIT_LENGTH, MAX_VALUE_BYTES)
-    if example.db_path is None and example.context:
-        connection.executescript(example.context)
-    connection.set_authorizer(_no_attach)  # a generated ATTACH would create files on disk
     return connection
+
+
+def merged_schema(context: str) -> str:
+    """``context`` with each table declared once: the first CREATE TABLE of a name (case-insensitive)
+    takes the columns of its later declarations, which are dropped, and a column declared twice in
+    different case (``AlbumID``, ``AlbumId``) is kept once. Other statements are kept as they are.
+
+    sql-create-context gives a self-join's table once per alias, so about 3% of its rows cannot be
+    built as they are.
+    """
+    statements = [statement.strip() for statement in _split_top_level(context, ";") if statement.strip()]
+    merged: list[str] = []
+    tables: dict[str, tuple[int, str, list[str], set[str]]] = {}  # name -> (position, spelling, items, keys)
+    for statement in statements:
+        match = _CREATE_TABLE.fullmatch(statement)
+        if match is None:
+            merged.append(statement)
+            continue
+        name = _unquote(match.group(1)).casefold()
+        if name not in tables:
+            tables[name] = (len(merged), match.group(1), [], set())
+            merged.append("")
+        _, _, items, keys = tables[name]
+        for item in (item.strip() for item in _split_top_level(match.group(2), ",")):
+            key = (" ".join(item.split()).casefold() if _TABLE_CONSTRAINT.match(item)
+                   else _unquote(item.split()[0]).casefold() if item else "")
+            if item and key not in keys:
+                keys.add(key)
+                items.append(item)
+    for position, spelling, items, _ in tables.values():
+        merged[position] = f"CREATE TABLE {spelling} ({', '.join(items)})"
+    return ";\n".join(merged) + ";"
+
+
+def _split_top_level(text: str, separator: str) -> list[str]:
+    """``text`` split at ``separator`` outside quotes, comments and parentheses."""
+    parts, start, depth, closing, index = [], 0, 0, None, 0
+    while index < len(text):
+        char = text[index]
+        if closing is not None:
+            if text.startswith(closing, index):
+                index += len(closing) - 1
+                closing = None
+        elif char in _CLOSING_QUOTE:
+            closing = _CLOSING_QUOTE[char]
+        elif text.startswith("--", index):
+            closing = "\n"
+        elif text.startswith("/*", index):
+            closing = "*/"
+        elif char in "()":
+            depth = max(depth + (1 if char == "(" else -1), 0)
+        elif char == separator and depth == 0:
+            parts.append(text[start:index])
+            start = index + 1
+        index += 1
+    return parts + [text[start:]]
+
+
+def _unquote(name: str) -> str:
+    return name[1:-1] if len(name) > 1 and name[0] in _CLOSING_QUOTE and name[-1] == _CLOSING_QUOTE[name[0]] else name
 
 
 def _no_attach(action: int, *args: object) -> int:
