@@ -35,6 +35,14 @@ for name in ("true_projected", "projected"):
     assert torch.equal(got, again), (got, again)  # deterministic, also with moved gradients
     torch.testing.assert_close(got, eager, rtol=1e-5, atol=0)
     assert (got > 0).all()
+    # bf16: the scores of the moments as the update stores them (each rounded once to bf16), in fp64
+    g16, m16, v16 = ([t.bfloat16() for t in ts] for ts in (grads, exp_avgs, exp_avg_sqs))
+    got = triton_scores.tensor_sums(fn, triton_scores.plan_for(None, g16, m16, v16), g16, 0.9, 0.999)
+    stored_m = [torch.lerp(m, g, 0.1).double() for g, m in zip(g16, m16)]
+    stored_v = [(v.float() * 0.999 + 0.001 * g.float() * g.float()).bfloat16().double() for g, v in zip(g16, v16)]
+    want = torch.stack([fn.term(m, v.sqrt(), 1e-8).sum() if fn.term is not None
+                        else fn.tensor_sums([m], [v.sqrt()], 1e-8)[0] for m, v in zip(stored_m, stored_v)])
+    torch.testing.assert_close(got.double(), want.cpu(), rtol=1e-5, atol=0)
 print("ok")
 """
 
@@ -48,6 +56,16 @@ def _run_check(device, env):
 def test_triton_kernel_matches_eager_under_the_interpreter():
     pytest.importorskip("triton")
     _run_check("cpu", {**os.environ, "TRITON_INTERPRET": "1"})
+
+
+def test_a_bucket_scored_eagerly_before_gets_a_triton_plan():
+    # A step whose gradients the kernel turned down is scored eagerly and leaves an EagerPlan behind.
+    from molf.optim import triton_scores
+
+    tensors = [torch.zeros(5000), torch.zeros(3, 7)]
+    eager = prepass.eager_plan([t.numel() for t in tensors], tensors[0].device)
+    plan = triton_scores.plan_for(eager, tensors, tensors, tensors)
+    assert isinstance(plan, triton_scores.TritonPlan) and plan.partials.numel() == 3 + 1
 
 
 @pytest.mark.gpu
@@ -121,3 +139,26 @@ def test_eager_and_compiled_prepass_agree_with_the_moment_update():
         torch.testing.assert_close(prepass.eager_tensor_sums(fn, plan, g, m, v, 0.9, 0.999), want, rtol=1e-5, atol=0)
         if name == "true_projected":  # one compile for the whole suite (dynamic shapes)
             torch.testing.assert_close(prepass.compiled_tensor_sums(fn, g, m, v, 0.9, 0.999), want, rtol=1e-5, atol=0)
+
+
+def test_bf16_prepass_scores_the_moments_fused_adamw_stores():
+    """In bf16 the would-be moments are rounded once, as ``torch._fused_adamw_`` stores them (two foreach
+    ops, ``mul`` then ``addcmul``, would round ``v`` twice: 1 ulp off in about a tenth of the elements)."""
+    gen = torch.Generator().manual_seed(0)
+    shapes = [(40, 30), (7,), (3000,)]
+    g = [(torch.randn(s, generator=gen) * 1e-3).bfloat16() for s in shapes]
+    m = [(torch.randn(s, generator=gen) * 1e-4).bfloat16() for s in shapes]
+    v = [(torch.rand(s, generator=gen) * 1e-6).bfloat16() for s in shapes]
+    stored_m, stored_v = [t.clone() for t in m], [t.clone() for t in v]
+    torch._fused_adamw_([torch.zeros_like(t) for t in g], g, stored_m, stored_v, [],
+                        [torch.tensor(1.0) for _ in g], lr=0.0, beta1=0.9, beta2=0.999, weight_decay=0.0, eps=1e-8,
+                        amsgrad=False, maximize=False, grad_scale=None, found_inf=None)
+    for name in ("true_projected", "projected"):
+        fn = get_score_fn(name)
+        want = torch.stack([fn.term(a.double(), b.double().sqrt(), 1e-8).sum() for a, b in zip(stored_m, stored_v)])
+        plan = prepass.eager_plan([x.numel() for x in g], torch.device("cpu"), chunk=500)
+        got = prepass.eager_tensor_sums(fn, plan, g, m, v, 0.9, 0.999)
+        torch.testing.assert_close(got.double(), want, rtol=2e-6, atol=0)
+        if name == "true_projected":
+            got = prepass.compiled_tensor_sums(fn, g, m, v, 0.9, 0.999)
+            torch.testing.assert_close(got.double(), want, rtol=2e-6, atol=0)

@@ -13,8 +13,8 @@ each element of ``g``, ``m`` and ``v`` is read once here and once by the update.
   shapes; opt-in, the first call compiles for tens of seconds);
 - ``triton``: one deterministic Triton launch per bucket on CUDA (``molf.optim.triton_scores``).
 
-Every backend forms the moments in the parameters' dtype (as the update stores them) and computes
-the score terms in fp32.
+Every backend forms the moments as torch's fused AdamW update stores them (fp32 math, one rounding
+to the parameters' dtype) and computes the score terms in fp32.
 
 The ``native`` backend (CPU, fp32) is not a pre-pass: its kernel updates the moments while it scores
 and leaves the AdamW increment for the winners' update (``molf.optim.native``).
@@ -123,8 +123,14 @@ def eager_tensor_sums(score_fn: ScoreFn, plan: EagerPlan, grads: list[Tensor], e
     """
     def piece_sums(gs: list[Tensor], ms: list[Tensor], vs: list[Tensor]) -> Tensor:
         new_m = torch._foreach_lerp(ms, gs, 1 - beta1)  # same formula as the moment update
-        new_v = torch._foreach_mul(vs, beta2)
-        torch._foreach_addcmul_(new_v, gs, gs, 1 - beta2)
+        if gs[0].dtype == torch.float32:
+            new_v = torch._foreach_mul(vs, beta2)
+            torch._foreach_addcmul_(new_v, gs, gs, 1 - beta2)
+        else:  # formed in fp32 and rounded once, as torch's fused AdamW stores it (two foreach ops round twice)
+            g32 = [g.float() for g in gs]
+            new_v = torch._foreach_mul([v.float() for v in vs], beta2)
+            torch._foreach_addcmul_(new_v, g32, g32, 1 - beta2)
+            new_v = [v.to(gs[0].dtype) for v in new_v]
         return _fp32_sums(score_fn, new_m, new_v, owned=True)
 
     return _plan_sums(plan, (grads, exp_avgs, exp_avg_sqs), piece_sums)
@@ -141,13 +147,19 @@ def _compiled_sum(score_fn: ScoreFn):
     """One compiled reduction per score function; ``dynamic=True`` so every shape shares it."""
 
     def tensor_sum(g: Tensor, m: Tensor, v: Tensor, beta1: float, beta2: float) -> Tensor:
-        new_m = torch.lerp(m, g, 1 - beta1).float()  # the moments as stored, then fp32 score math
-        sqrt_v = torch.sqrt((v * beta2 + (1 - beta2) * g * g).float())
+        # The moments as stored: torch's lerp and fused AdamW formulas in fp32, rounded once to the
+        # moments' dtype; then fp32 score math.
+        m32, g32, weight = m.float(), g.float(), 1 - beta1
+        new_m = m32 + weight * (g32 - m32) if weight < 0.5 else g32 - (g32 - m32) * (1 - weight)
+        new_m = new_m.to(m.dtype).float()
+        sqrt_v = torch.sqrt((v.float() * beta2 + (1 - beta2) * g32 * g32).to(v.dtype).float())
         if score_fn.term is None:
             return score_fn.tensor_sums([new_m], [sqrt_v], SCORE_EPS)
         return score_fn.term(new_m, sqrt_v, SCORE_EPS).sum(dtype=torch.float32).view(1)
 
-    return torch.compile(tensor_sum, dynamic=True, fullgraph=True)
+    # emulate_precision_casts: inductor would otherwise skip the roundings to the moments' dtype (the
+    # math above is fp32, so there is nothing else for it to round).
+    return torch.compile(tensor_sum, dynamic=True, fullgraph=True, options={"emulate_precision_casts": True})
 
 
 def compiled_tensor_sums(score_fn: ScoreFn, grads: list[Tensor], exp_avgs: list[Tensor],

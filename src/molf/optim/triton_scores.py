@@ -5,7 +5,8 @@ a dependency (``molf.optim.prepass`` falls back to the eager backend when it is 
 
 Kernel 1 (one program per ``BLOCK`` elements of one tensor) reads ``g``, ``m``, ``v`` through a
 table of raw pointers, forms the would-be moments ``m' = m + (1 - b1)(g - m)`` and
-``v' = b2 v + (1 - b2) g^2`` in fp32 and writes the block's score sum to a partial buffer. Kernel 2
+``v' = b2 v + (1 - b2) g^2`` in fp32, rounds them to the parameters' dtype as the update will store
+them, and writes the block's fp32 score sum to a partial buffer. Kernel 2
 (one program per tensor) adds the tensor's partials in a fixed order. No float atomics, so every
 DDP rank computes bit-identical scores from identical inputs.
 """
@@ -57,11 +58,15 @@ def _pointer_table(rows: list[list[int]], device: torch.device) -> Tensor:
     return host.pin_memory().to(device, non_blocking=True)
 
 
-def plan_for(plan: TritonPlan | None, params: list[Tensor], exp_avgs: list[Tensor],
+def plan_for(plan: object | None, params: list[Tensor], exp_avgs: list[Tensor],
              exp_avg_sqs: list[Tensor]) -> TritonPlan:
-    """Reuse ``plan`` while the moments stay where they were; rebuild the tables otherwise."""
+    """Reuse ``plan`` while the moments stay where they were; rebuild the tables otherwise.
+
+    ``plan`` may be another backend's plan (a bucket whose gradients the kernel turned down on an
+    earlier step was scored eagerly); it is then replaced.
+    """
     state_ptrs = tuple(t.data_ptr() for t in (*exp_avgs, *exp_avg_sqs))
-    if plan is not None and plan.state_ptrs == state_ptrs:
+    if isinstance(plan, TritonPlan) and plan.state_ptrs == state_ptrs:
         return plan
     device = params[0].device
     blocks = [-(-p.numel() // BLOCK) for p in params]
@@ -126,7 +131,20 @@ def _kernels():
         m = tl.load(m_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
         v = tl.load(v_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
         new_m = m + (1.0 - beta1) * (g - m)
-        denom = tl.sqrt(beta2 * v + (1.0 - beta2) * g * g) + eps_s
+        new_v = beta2 * v + (1.0 - beta2) * g * g
+        # The moments as the update stores them: rounded to the parameters' dtype, to nearest, ties to
+        # even. bf16 by hand, because Triton's interpreter truncates fp32 -> bf16 casts (NaN stays NaN).
+        if DTYPE == tl.bfloat16:
+            m_bits = new_m.to(tl.uint32, bitcast=True)
+            v_bits = new_v.to(tl.uint32, bitcast=True)
+            m_round = ((m_bits + 0x7FFF + ((m_bits >> 16) & 1)) & 0xFFFF0000).to(tl.float32, bitcast=True)
+            v_round = ((v_bits + 0x7FFF + ((v_bits >> 16) & 1)) & 0xFFFF0000).to(tl.float32, bitcast=True)
+            new_m = tl.where(new_m == new_m, m_round, new_m)
+            new_v = tl.where(new_v == new_v, v_round, new_v)
+        elif DTYPE == tl.float16:
+            new_m = new_m.to(tl.float16).to(tl.float32)
+            new_v = new_v.to(tl.float16).to(tl.float32)
+        denom = tl.sqrt(new_v) + eps_s
         if TERM == 0:  # EPD: m'^2 / (sqrt(v') + eps_s)
             term = new_m * new_m / denom
         else:  # PFN: (m' / (sqrt(v') + eps_s))^2
