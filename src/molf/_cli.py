@@ -30,10 +30,12 @@ def run_cli(main: Callable[[], Optional[int]]) -> int:
     return status or 0
 
 
-def report_error(err: Exception, status: int) -> int:
+def report_error(err: Exception, status: int, hint: bool = True) -> int:
     """Print ``err`` as one ``error:`` line on stderr and return ``status``; with ``MOLF_TRACEBACK=1``
-    re-raise it instead (call it from the ``except`` block that caught ``err``)."""
+    re-raise it instead (call it from the ``except`` block that caught ``err``). ``hint``: end the line
+    with how to see the traceback (left out for flag errors, which the line itself explains)."""
     if os.environ.get("MOLF_TRACEBACK") == "1":
         raise err
-    print(f"error: {' '.join(str(err).split())} (MOLF_TRACEBACK=1 shows where it was raised)", file=sys.stderr)
+    where = " (MOLF_TRACEBACK=1 shows where it was raised)" if hint else ""
+    print(f"error: {' '.join(str(err).split())}{where}", file=sys.stderr)
     return status

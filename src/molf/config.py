@@ -322,13 +322,18 @@ def parse_config(args: Optional[Sequence[str]] = None, config_path: Optional[str
         ValueError: an invalid value or combination (draccus' wrapper is removed so the message,
             which says what to change, is what the user sees).
     """
+    import argparse
+
     import draccus
     import yaml
-    from draccus.utils import DecodingError, ParsingError
+    from draccus.utils import DecodingError, DraccusException, ParsingError
 
     args = _bracket_list_flags(list(sys.argv[1:] if args is None else args))
     try:
-        return draccus.parse(config_class=TrainingConfig, config_path=config_path, args=args)
+        # exit_on_error=False: argparse raises instead of printing its whole usage block and exiting
+        return draccus.parse(config_class=TrainingConfig, config_path=config_path, args=args, exit_on_error=False)
+    except argparse.ArgumentError as err:  # an invalid choice ("--precision fp16"), a flag without its value
+        raise ValueError(" ".join(str(err).split()) + " (--help lists every flag)") from None
     except DecodingError as err:  # a value that does not fit its field's type
         field = ".".join(err.args[0]) if err.args and isinstance(err.args[0], tuple) else ""
         cause = err.__cause__ or err
@@ -349,6 +354,8 @@ def parse_config(args: Optional[Sequence[str]] = None, config_path: Optional[str
         raise ValueError(" ".join(str(err).split())) from None
     except yaml.YAMLError as err:  # a flag value that YAML cannot read
         raise ValueError(f"a flag value is not valid YAML: {' '.join(str(err).split())}") from None
+    except DraccusException as err:  # "unrecognized arguments: --bogus 1"
+        raise ValueError(" ".join(str(err).split()) + " (--help lists every flag)") from None
 
 
 def _flag_value(args: Sequence[str], flag: str) -> Optional[str]:

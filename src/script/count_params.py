@@ -24,8 +24,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         cfg = parse_config(argv)
         check_model_paths(cfg.model_name_or_path, cfg.tokenizer_name_or_path)
     except (ValueError, FileNotFoundError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+        return report_error(err, 2, hint=False)
     try:
         model = load_model(cfg.model_name_or_path, model_dtype(cfg.precision), cfg.attn_implementation, cfg.seed)
         before = count_parameters(model)

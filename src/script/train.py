@@ -168,8 +168,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         cfg = parse_config(argv)
         check_local_paths(cfg)
     except (ValueError, FileNotFoundError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+        return report_error(err, 2, hint=False)
     from molf.train.build import finished_earlier
 
     say(f"run directory: {cfg.run_dir}")

@@ -45,6 +45,25 @@ def test_invalid_flags_exit_2_with_the_fix(tmp_path, capsys):
     assert not (tmp_path / "runs").exists()
 
 
+@pytest.mark.parametrize("extra, expected", [
+    (("--precision", "fp16"), "error: argument --precision: invalid choice: 'fp16' (choose from"),
+    (("--molf_score_fn", "foo"), "error: argument --molf_score_fn: invalid choice: 'foo'"),
+    (("--bogus_flag", "1"), "error: unrecognized arguments: --bogus_flag 1 (--help lists every flag)"),
+])
+def test_a_bad_choice_or_unknown_flag_is_one_error_line_not_the_usage(tmp_path, capsys, extra, expected):
+    for script in ("train", "count_params"):
+        assert load_script(script).main(flags(tmp_path, *extra)) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(expected) and err.count("\n") == 1 and "usage:" not in err, err
+
+
+def test_molf_traceback_shows_where_a_flag_error_was_raised(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("MOLF_TRACEBACK", "1")
+    with pytest.raises(ValueError, match="lower --molf_topk"):
+        load_script("train").main(flags(tmp_path, "--molf_topk", "5"))
+    assert not (tmp_path / "runs").exists()
+
+
 def test_missing_data_path_exits_2_before_loading_a_model(tmp_path, capsys, monkeypatch):
     script = load_script("train")
     monkeypatch.setattr(script, "train", lambda cfg: pytest.fail("train() ran despite a missing data path"))
