@@ -74,10 +74,10 @@ def _select(args: argparse.Namespace, jobs: list[Job]) -> list[Job]:
     return filter_jobs(jobs, args.filter)
 
 
-def _list(jobs: list[Job], paths: RunPaths, extra: list[str], show_done: bool) -> None:
+def _list(jobs: list[Job], paths: RunPaths, extra: list[str], show_done: bool, world_size: int) -> None:
     for job in jobs:
         fields = "  ".join(f"{job.flags[k]}" for k in LIST_KEYS if k in job.flags)
-        done = ("done  " if is_done(job, paths, extra) else "todo  ") if show_done else ""
+        done = ("done  " if is_done(job, paths, extra, world_size) else "todo  ") if show_done else ""
         print(f"{job.index:4d}  {done}{fields}")
     print(f"{len(jobs)} jobs")
 
@@ -102,8 +102,9 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    world_size = args.nproc if args.launcher == "torchrun" else 1  # a DDP run's name says how many processes
     if args.list:
-        _list(jobs, paths, extra, args.show_done)
+        _list(jobs, paths, extra, args.show_done, world_size)
     elif args.print:
         job = jobs[0]
         print(f"{job.grid} #{job.index}: " + " ".join(f"{k}={v}" for k, v in job.flags.items()))
@@ -111,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
     elif args.print_args:
         print("\n".join(train_args(jobs[0], paths, extra)))
     elif args.is_done:
-        return 0 if is_done(jobs[0], paths, extra) else 1
+        return 0 if is_done(jobs[0], paths, extra, world_size) else 1
     else:
         outcome = run_jobs(jobs, paths, extra, args.launcher, args.nproc, dry_run=args.dry_run,
                            skip_done=not args.no_skip, keep_going=args.keep_going, cwd=str(REPO_ROOT))

@@ -128,6 +128,22 @@ def test_run_names_differ_for_every_distinguishing_hyperparameter():
     assert TrainingConfig(ckpt_dir_root="elsewhere", logging_steps=1, report_to="none").run_name == base.run_name
 
 
+def test_a_ddp_run_does_not_share_the_directory_of_a_single_process_run(monkeypatch):
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    cfg = TrainingConfig(per_device_batch_size=8, gradient_accumulation_steps=4)
+    single = cfg.run_name
+    monkeypatch.setenv("WORLD_SIZE", "1")  # torchrun --nproc_per_node=1: the same run as plain python
+    assert cfg.run_name == single == cfg.run_name_for(1)
+    monkeypatch.setenv("WORLD_SIZE", "2")  # the global batch doubles: another run
+    assert "bs8x4x2" in cfg.run_name.split("_") and cfg.run_name == cfg.run_name_for(2)
+    assert cfg.run_name.rsplit("_", 1)[1] != single.rsplit("_", 1)[1]  # the hash differs too
+    assert cfg.run_dir.name == cfg.run_name != cfg.run_name_for(1)
+    assert cfg.to_run_info()["run_name"] == cfg.run_name
+    monkeypatch.setenv("WORLD_SIZE", "two")
+    with pytest.raises(ValueError, match="WORLD_SIZE='two' is not a process count"):
+        cfg.run_name
+
+
 def test_run_name_is_readable():
     cfg = parse_config(QUICKSTART + ["--seed", "7"])
     for part in ("molf", "Qwen2.5-1.5B", "med", "lr5e-05", "wd0.1", "lwd0.01", "r128", "k1", "epd", "cosine",

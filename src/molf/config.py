@@ -11,6 +11,7 @@ import dataclasses
 import hashlib
 import importlib.util
 import json
+import os
 import re
 import sys
 import warnings
@@ -158,7 +159,14 @@ class TrainingConfig(TrainConfig, DataConfig, EvalConfig, OptimConfig, MoLFConfi
 
     @property
     def run_name(self) -> str:
-        """Readable hyper-parameters plus a hash of every field that changes the training."""
+        """Readable hyper-parameters plus a hash of every field that changes the training, for the
+        number of processes of this launch (``launch_world_size``)."""
+        return self.run_name_for(launch_world_size())
+
+    def run_name_for(self, world_size: int) -> str:
+        """``run_name`` of this config trained by ``world_size`` processes: their number multiplies the
+        batch (``bs8x4x2``: 8 per device, 4 accumulation steps, 2 processes) and enters the hash, so a
+        DDP run never shares the directory of a single-process run of the same flags."""
         parts = [self.mode, _model_tag(self.model_name_or_path), self.dataset_type]
         if self.mode != "lora":
             parts += [f"lr{self.learning_rate:g}", f"wd{self.weight_decay:g}"]
@@ -171,20 +179,23 @@ class TrainingConfig(TrainConfig, DataConfig, EvalConfig, OptimConfig, MoLFConfi
             parts.append(f"r{self.lora_rank}")
         length = f"st{self.max_steps}" if self.max_steps > 0 else f"ep{self.num_train_epochs:g}"
         parts += [self.lr_scheduler_type, f"wu{self.warm_up_ratio:g}", length,
-                  f"bs{self.per_device_batch_size}x{self.gradient_accumulation_steps}", f"s{self.seed}",
-                  self.identity_hash()]
+                  f"bs{self.per_device_batch_size}x{self.gradient_accumulation_steps}"
+                  + (f"x{world_size}" if world_size > 1 else ""), f"s{self.seed}", self.identity_hash(world_size)]
         return "_".join(parts)
 
-    def identity_fields(self) -> dict[str, Any]:
-        """Every field that changes what is trained, by name."""
+    def identity_fields(self, world_size: int = 1) -> dict[str, Any]:
+        """Every field that changes what is trained, by name (and the process count, when above 1)."""
         fields = {k: v for k, v in dataclasses.asdict(self).items() if k not in _NOT_IDENTITY}
         if self.drop_eval_overlap:  # the eval questions then decide which training rows are kept
             fields["eval_data_path"] = self.eval_data_path
+        if world_size > 1:  # left out at 1, so single-process names are what they always were
+            fields["world_size"] = world_size
         return fields
 
-    def identity_hash(self) -> str:
+    def identity_hash(self, world_size: int = 1) -> str:
         """8 hex digits of SHA-1 over ``identity_fields``."""
-        return hashlib.sha1(json.dumps(self.identity_fields(), sort_keys=True, default=str).encode()).hexdigest()[:8]
+        fields = self.identity_fields(world_size)
+        return hashlib.sha1(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()[:8]
 
     @property
     def run_dir(self) -> Path:
@@ -313,6 +324,18 @@ def _bracketed(flag: str, value: str) -> str:
             raise ValueError(f"--{flag}: {bad[0]!r} is not an integer; write e.g. --{flag} {example[1:-1]}")
         return "[" + ",".join(items) + "]"
     return "[" + ",".join(json.dumps(part) for part in items) + "]"
+
+
+def launch_world_size() -> int:
+    """Processes of this launch: ``WORLD_SIZE`` as torchrun sets it, 1 without a launcher.
+
+    Raises:
+        ValueError: ``WORLD_SIZE`` is set to something that is not a positive integer.
+    """
+    value = os.environ.get("WORLD_SIZE", "1")
+    if not re.fullmatch(r"\s*\d+\s*", value) or int(value) < 1:
+        raise ValueError(f"WORLD_SIZE={value!r} is not a process count; unset it or launch with torchrun")
+    return int(value)
 
 
 def parse_config(args: Optional[Sequence[str]] = None, config_path: Optional[str] = None) -> TrainingConfig:

@@ -78,6 +78,10 @@ def test_done_detection(tmp_path):
         csv.writer(handle).writerows([["run_name", "accuracy"], [job_config(job, paths).run_name, 1.0]])
     assert is_done(job, paths)
     assert not is_done(grid_jobs("lora")[5], paths)
+    assert not is_done(job, paths, world_size=2)  # the same flags on two GPUs are another run
+    with (tmp_path / "results" / f"{job.task}.csv").open("a", newline="") as handle:
+        csv.writer(handle).writerow([job_config(job, paths).run_name_for(2), 1.0])
+    assert is_done(job, paths, world_size=2)
 
 
 def test_a_row_cut_inside_a_quoted_field_does_not_hide_the_next_run(tmp_path):

@@ -128,9 +128,10 @@ def _is_number(text: Optional[str]) -> bool:
         return False
 
 
-def is_done(job: Job, paths: RunPaths, extra: Sequence[str] = ()) -> bool:
+def is_done(job: Job, paths: RunPaths, extra: Sequence[str] = (), world_size: int = 1) -> bool:
+    """Whether the job, trained by ``world_size`` processes (its run name says how many), has its row."""
     cfg = job_config(job, paths, extra)
-    return cfg.run_name in completed_run_names(paths.results_dir, job.task, cfg.num_eval_samples)
+    return cfg.run_name_for(world_size) in completed_run_names(paths.results_dir, job.task, cfg.num_eval_samples)
 
 
 def free_port() -> int:
@@ -161,9 +162,10 @@ def run_jobs(jobs: Sequence[Job], paths: RunPaths, extra: Sequence[str] = (), la
     ``keep_going``.
     """
     outcome: dict[str, list[int]] = {"ran": [], "skipped": [], "failed": []}
+    world_size = nproc if launcher == "torchrun" else 1
     for position, job in enumerate(jobs, start=1):
         head = f"[{position}/{len(jobs)}] {job.grid} #{job.index}"
-        if skip_done and is_done(job, paths, extra):
+        if skip_done and is_done(job, paths, extra, world_size):
             print(f"{head}: result row exists, skipping", flush=True)
             outcome["skipped"].append(job.index)
             continue
