@@ -53,13 +53,10 @@ MAX_RESULT_ROWS = 100_000
 MAX_VALUE_BYTES = 2**24
 
 
-def _first_statement(text: str) -> str:
-    """Text up to the first ';' or code fence outside quotes and comments, or up to a line that starts an
-    Alpaca '###' section, or the end; a second statement run on without a ';' is cut off
-    (see ``_first_of_run_on``)."""
+def _code(text: str):
+    """``(index, char)`` of every character of ``text`` outside quotes, quoted identifiers and comments
+    (a code fence, three backticks, counts as code)."""
     closing: Optional[str] = None  # the character or string that ends the quote or comment we are in
-    depth = 0  # parentheses open outside quotes and comments
-    breaks = []  # line breaks at depth 0 after which a line starts with a statement keyword
     index = 0
     while index < len(text):
         char = text[index]
@@ -67,22 +64,35 @@ def _first_statement(text: str) -> str:
             if text.startswith(closing, index):
                 index += len(closing) - 1
                 closing = None
-        elif char == ";" or text.startswith("```", index):  # a fence closed right after the query, too
-            return _first_of_run_on(text[:index], breaks)
+        elif text.startswith("```", index):
+            yield index, char
         elif char in _CLOSING_QUOTE:
             closing = _CLOSING_QUOTE[char]
         elif text.startswith("--", index):
             closing = "\n"
         elif text.startswith("/*", index):
             closing = "*/"
-        elif char in "()":
+        else:
+            yield index, char
+        index += 1
+
+
+def _first_statement(text: str) -> str:
+    """Text up to the first ';' or code fence outside quotes and comments, or up to a line that starts an
+    Alpaca '###' section, or the end; a second statement run on without a ';' is cut off
+    (see ``_first_of_run_on``)."""
+    depth = 0  # parentheses open outside quotes and comments
+    breaks = []  # line breaks at depth 0 after which a line starts with a statement keyword
+    for index, char in _code(text):
+        if char == ";" or text.startswith("```", index):  # a fence closed right after the query, too
+            return _first_of_run_on(text[:index], breaks)
+        if char in "()":
             depth = max(depth + (1 if char == "(" else -1), 0)
         elif char == "\n":
             if text.startswith(("###", "```"), index + 1):
                 return _first_of_run_on(text[:index], breaks)
             if depth == 0 and _STATEMENT_LINE.match(text, index + 1):
                 breaks.append(index)
-        index += 1
     return _first_of_run_on(text, breaks)
 
 
@@ -231,25 +241,13 @@ def merged_schema(context: str) -> str:
 
 def _split_top_level(text: str, separator: str) -> list[str]:
     """``text`` split at ``separator`` outside quotes, comments and parentheses."""
-    parts, start, depth, closing, index = [], 0, 0, None, 0
-    while index < len(text):
-        char = text[index]
-        if closing is not None:
-            if text.startswith(closing, index):
-                index += len(closing) - 1
-                closing = None
-        elif char in _CLOSING_QUOTE:
-            closing = _CLOSING_QUOTE[char]
-        elif text.startswith("--", index):
-            closing = "\n"
-        elif text.startswith("/*", index):
-            closing = "*/"
-        elif char in "()":
+    parts, start, depth = [], 0, 0
+    for index, char in _code(text):
+        if char in "()":
             depth = max(depth + (1 if char == "(" else -1), 0)
         elif char == separator and depth == 0:
             parts.append(text[start:index])
             start = index + 1
-        index += 1
     return parts + [text[start:]]
 
 
