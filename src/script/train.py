@@ -167,11 +167,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         cfg = parse_config(argv)
         check_local_paths(cfg)
+        run_dir = cfg.run_dir  # named by the launch's process count too (a bad WORLD_SIZE is an error here)
     except (ValueError, FileNotFoundError) as err:
         return report_error(err, 2, hint=False)
     from molf.train.build import finished_earlier
 
-    say(f"run directory: {cfg.run_dir}")
+    say(f"run directory: {run_dir}")
     if cfg.validate_only:
         say("config is valid")
         return 0
