@@ -139,6 +139,7 @@ def test_a_ddp_run_does_not_share_the_directory_of_a_single_process_run(monkeypa
     assert cfg.run_name.rsplit("_", 1)[1] != single.rsplit("_", 1)[1]  # the hash differs too
     assert cfg.run_dir.name == cfg.run_name != cfg.run_name_for(1)
     assert cfg.to_run_info()["run_name"] == cfg.run_name
+    assert json.loads(cfg.to_run_info()["other_hparams"])["world_size"] == 2  # tables keep the runs apart
     monkeypatch.setenv("WORLD_SIZE", "two")
     with pytest.raises(ValueError, match="WORLD_SIZE='two' is not a process count"):
         cfg.run_name

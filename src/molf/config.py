@@ -234,10 +234,11 @@ class TrainingConfig(TrainConfig, DataConfig, EvalConfig, OptimConfig, MoLFConfi
 
     def other_hparams(self) -> dict[str, Any]:
         """The fields in the run's identity that differ from their defaults and have no results column
-        of their own (e.g. ``data_path``, ``lora_alpha``, ``precision``, ``max_seq_length``)."""
-        defaults = _defaults()
-        fields = {k: v for k, v in self.identity_fields().items()
-                  if k not in _OWN_COLUMNS and v != getattr(defaults, k)}
+        of their own (e.g. ``data_path``, ``lora_alpha``, ``precision``, ``max_seq_length``; and
+        ``world_size`` for a launch of several processes)."""
+        defaults, flags = _defaults(), TrainingConfig.__dataclass_fields__
+        fields = {k: v for k, v in self.identity_fields(launch_world_size()).items()
+                  if k not in _OWN_COLUMNS and (k not in flags or v != getattr(defaults, k))}
         # Set by the mode, not by the user: --mode molf_e says it already.
         fields.pop("molf_fft", None)
         return fields
