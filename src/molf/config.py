@@ -205,11 +205,13 @@ class TrainingConfig(TrainConfig, DataConfig, EvalConfig, OptimConfig, MoLFConfi
     def log_dir(self) -> Path:
         return Path(self.log_dir_root) / self.run_name
 
-    def to_run_info(self) -> dict[str, Any]:
-        """The run columns of the results CSVs (docs/DEVELOPING.md); None where the mode has no such knob."""
+    def to_run_info(self, world_size: Optional[int] = None) -> dict[str, Any]:
+        """The run columns of the results CSVs (docs/DEVELOPING.md); None where the mode has no such knob.
+        ``world_size``: the processes that trained the run (default: this launch's)."""
+        world_size = launch_world_size() if world_size is None else world_size
         molf, lora_like = self.mode in MOLF_MODES, self.mode not in ("fft",) + MOLF_MODES
         return {
-            "run_name": self.run_name,
+            "run_name": self.run_name_for(world_size),
             "mode": self.mode,
             "model": self.model_name_or_path,
             "dataset": self.dataset_type,
@@ -228,16 +230,17 @@ class TrainingConfig(TrainConfig, DataConfig, EvalConfig, OptimConfig, MoLFConfi
             "per_device_batch_size": self.per_device_batch_size,
             "gradient_accumulation_steps": self.gradient_accumulation_steps,
             "seed": self.seed,
-            "other_hparams": json.dumps(self.other_hparams(), sort_keys=True, default=str),
-            "checkpoint": str(self.run_dir / "final"),
+            "other_hparams": json.dumps(self.other_hparams(world_size), sort_keys=True, default=str),
+            "checkpoint": str(Path(self.ckpt_dir_root) / self.run_name_for(world_size) / "final"),
         }
 
-    def other_hparams(self) -> dict[str, Any]:
+    def other_hparams(self, world_size: Optional[int] = None) -> dict[str, Any]:
         """The fields in the run's identity that differ from their defaults and have no results column
         of their own (e.g. ``data_path``, ``lora_alpha``, ``precision``, ``max_seq_length``; and
         ``world_size`` for a launch of several processes)."""
         defaults, flags = _defaults(), TrainingConfig.__dataclass_fields__
-        fields = {k: v for k, v in self.identity_fields(launch_world_size()).items()
+        world_size = launch_world_size() if world_size is None else world_size
+        fields = {k: v for k, v in self.identity_fields(world_size).items()
                   if k not in _OWN_COLUMNS and (k not in flags or v != getattr(defaults, k))}
         # Set by the mode, not by the user: --mode molf_e says it already.
         fields.pop("molf_fft", None)

@@ -232,3 +232,20 @@ def test_cli_malformed_record_exits_1_and_appends_no_row(tmp_path, capsys, monke
     monkeypatch.setenv("MOLF_TRACEBACK", "1")  # the traceback instead of the line
     with pytest.raises(ValueError, match="not valid JSON"):
         cli(argv)
+
+
+def test_a_ddp_run_evaluated_in_one_process_keeps_its_run_name(tmp_path, monkeypatch):
+    from molf.config import TrainingConfig
+    from molf.eval.checkpoint import load_training_config, run_info_for
+
+    monkeypatch.delenv("WORLD_SIZE", raising=False)  # evaluated by plain python
+    run_cfg = TrainingConfig(dataset_type="med", mode="fft", model_name_or_path="tiny-qwen2",
+                             ckpt_dir_root=str(tmp_path))
+    for world_size in (2, 1):
+        run_dir = tmp_path / run_cfg.run_name_for(world_size)
+        (run_dir / "final").mkdir(parents=True)
+        with (run_dir / "resolved_config.yaml").open("w") as handle:
+            run_cfg.dump_yaml(handle)
+        info = run_info_for(str(run_dir / "final"), "med", load_training_config(run_dir / "resolved_config.yaml"))
+        assert info["run_name"] == run_dir.name
+        assert json.loads(info["other_hparams"]).get("world_size") == (2 if world_size == 2 else None)

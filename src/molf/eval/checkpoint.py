@@ -52,10 +52,20 @@ def fallback_run_info(checkpoint: Path, task: str) -> dict[str, Any]:
 def run_info_for(model_ref: str, task: str, training_config=None) -> dict[str, Any]:
     """Run columns for a checkpoint path or tiny model name, from its training config when known."""
     if training_config is not None:
-        info = dict(training_config.to_run_info())
+        resolved = find_resolved_config(Path(model_ref))
+        world_size = 1 if resolved is None else trained_world_size(training_config, resolved.parent.name)
+        info = dict(training_config.to_run_info(world_size))
         info["checkpoint"] = model_ref
         return info
     return fallback_run_info(Path(model_ref), task)
+
+
+def trained_world_size(training_config, run_dir_name: str) -> int:
+    """How many processes trained the run in directory ``run_dir_name``: the ``N`` of its ``bs8x4xN``
+    when the config's name for ``N`` processes is that name, else 1 (a renamed directory)."""
+    match = re.search(r"_bs\d+x\d+x(\d+)_", run_dir_name)
+    world_size = int(match.group(1)) if match else 1
+    return world_size if training_config.run_name_for(world_size) == run_dir_name else 1
 
 
 def check_checkpoint(model_ref: str) -> Path:
