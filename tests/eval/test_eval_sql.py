@@ -201,3 +201,24 @@ def test_merged_schema_keeps_other_statements_and_quoted_text():
                'CREATE TABLE "b;c" (y TEXT); CREATE TABLE A (X INT, z TEXT, PRIMARY KEY (x))')
     assert merged_schema(context) == ('CREATE TABLE a (x INT, PRIMARY KEY (x), z TEXT);\n'
                                       'INSERT INTO a VALUES (1);\nCREATE TABLE "b;c" (y TEXT);')
+
+
+def test_a_looping_generation_costs_a_bounded_number_of_parses(monkeypatch):
+    import molf.eval.sql as sql_eval
+
+    calls = []
+    parse = sql_eval.sqlglot.parse
+    monkeypatch.setattr(sql_eval.sqlglot, "parse", lambda text, **kw: calls.append(len(text)) or parse(text, **kw))
+    generation = "SELECT count(*) FROM singer\n" * 1000  # greedy decoding stuck on one line
+    assert extract_sql(generation) == "SELECT count(*) FROM singer"
+    assert len(calls) <= sql_eval.MAX_RUN_ON_BREAKS + 1  # the whole text once, then the first breaks
+
+
+def test_merged_schema_keys_columns_by_their_whole_quoted_name_and_ignores_comments():
+    from molf.eval.sql import merged_schema
+
+    assert merged_schema('CREATE TABLE t ("first name" TEXT, "first id" INT); CREATE TABLE t (x INT)') == \
+        'CREATE TABLE t ("first name" TEXT, "first id" INT, x INT);'
+    context = ("CREATE TABLE t (id INT, -- the key\n name TEXT, -- the name\n age INT -- years\n); "
+               "CREATE TABLE t (city TEXT)")
+    assert merged_schema(context) == "CREATE TABLE t (id INT, name TEXT, age INT, city TEXT);"

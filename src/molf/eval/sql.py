@@ -45,10 +45,13 @@ _PROSE_LINE = re.compile(r"[A-Z][a-z]+:?(?:\s+\S+){2,}[.:!]")
 _CREATE_TABLE = re.compile(r"CREATE\s+TABLE\s+(?:IF\s+NOT\s+EXISTS\s+)?(\"[^\"]+\"|`[^`]+`|\[[^\]]+\]|[^\s(]+)\s*"
                            r"\((.*)\)", re.I | re.S)
 _TABLE_CONSTRAINT = re.compile(r"(?:CONSTRAINT|PRIMARY|FOREIGN|UNIQUE|CHECK)\b", re.I)
+_LEADING_NAME = re.compile(r"\"[^\"]+\"|`[^`]+`|\[[^\]]+\]|'[^']+'|[^\s(]+")  # a column's name, quoted or bare
 _OPENING_PARENS = re.compile(r"(?:\(\s*)+$")  # "(" / "( (" right before the first keyword
 _CLOSING_QUOTE = {"'": "'", '"': '"', "`": "`", "[": "]"}
 # A runaway result (e.g. an accidental cross join) is cut here; it cannot match a sane gold result anyway.
 MAX_RESULT_ROWS = 100_000
+# Line breaks tried as the end of a query run on into the next one (see ``_first_of_run_on``).
+MAX_RUN_ON_BREAKS = 16
 # The largest string or blob a query may build (SQLite's default is 1 GB).
 MAX_VALUE_BYTES = 2**24
 
@@ -107,17 +110,23 @@ def _first_of_run_on(statement: str, breaks: list[int]) -> str:
     sqlglot's SQLite parser; what it cannot parse is left whole."""
     if not breaks or _parses_as_one(statement):
         return statement
-    for offset in reversed(breaks):
+    # Only the first breaks: the first statement is near the start, and a generation looping on one
+    # line would otherwise cost a parse of a growing prefix per line (quadratic in its length).
+    for offset in reversed(breaks[:MAX_RUN_ON_BREAKS]):
         if _parses_as_one(statement[:offset]):
             return statement[:offset]
     return statement
 
 
 def _parses_as_one(text: str) -> bool:
+    quiet = logging.getLogger("sqlglot")
+    disabled, quiet.disabled = quiet.disabled, True  # its "falling back to a Command" notes, per attempt
     try:
         trees = [tree for tree in sqlglot.parse(text, read="sqlite") if tree is not None]
     except sqlglot.errors.SqlglotError:
         return False
+    finally:
+        quiet.disabled = disabled
     return len(trees) == 1 and not isinstance(trees[0], exp.Command)
 
 
@@ -228,9 +237,10 @@ def merged_schema(context: str) -> str:
             tables[name] = (len(merged), match.group(1), [], set())
             merged.append("")
         _, _, items, keys = tables[name]
-        for item in (item.strip() for item in _split_top_level(match.group(2), ",")):
-            key = (" ".join(item.split()).casefold() if _TABLE_CONSTRAINT.match(item)
-                   else _unquote(item.split()[0]).casefold() if item else "")
+        for item in (_COMMENT.sub(" ", item).strip() for item in _split_top_level(match.group(2), ",")):
+            name = _LEADING_NAME.match(item)
+            key = (" ".join(item.split()).casefold() if _TABLE_CONSTRAINT.match(item) or name is None
+                   else _unquote(name.group()).casefold())
             if item and key not in keys:
                 keys.add(key)
                 items.append(item)
